@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sysconfig
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -58,7 +59,7 @@ class StdlibCode:
         self,
         root: str | None = None,
         val_fraction: float = 0.05,
-        exclude_dirs: Sequence[str] = ("site-packages", "dist-packages", "test", "tests", "idle_test", "pydoc_data"),
+        exclude_dirs: Sequence[str] = ("site-packages", "dist-packages", "test", "tests", "idle_test", "pydoc_data", "encodings"),
     ) -> None:
         _check_fraction(val_fraction, "data.source.val_fraction")
         self.root = Path(root).expanduser() if root else Path(sysconfig.get_paths()["stdlib"])
@@ -72,10 +73,13 @@ class StdlibCode:
     def files(self, split: Split) -> list[Path]:
         """The split's files, in the fixed shuffled order the data module reads them."""
         keys = []
-        for path in self.root.rglob("*.py"):
-            rel = path.relative_to(self.root)
-            if self.exclude_dirs.isdisjoint(rel.parts[:-1]) and split_of(rel.as_posix(), self.val_fraction) == split:
-                keys.append(rel.as_posix())
+        for folder, dirs, names in os.walk(self.root):
+            dirs[:] = sorted(d for d in dirs if d not in self.exclude_dirs and d != "__pycache__")  # prune, don't filter
+            rel = Path(folder).relative_to(self.root)
+            for name in names:
+                key = (rel / name).as_posix()
+                if name.endswith(".py") and split_of(key, self.val_fraction) == split:
+                    keys.append(key)
         return [self.root / key for key in _shuffled(keys)]
 
     def documents(self, split: Split) -> Iterator[str]:

@@ -66,8 +66,11 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {message}"
 
 
-# Errors that mean "the input is wrong", when raised before the work starts.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, OSError, ImportError, KeyError)
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "the input is wrong", when raised before the work starts."""
+    from omegaconf.errors import OmegaConfBaseException  # an unset ??? value, a bad interpolation
+
+    return (ValueError, TypeError, OSError, ImportError, KeyError, OmegaConfBaseException)
 
 
 def remove_job_bookkeeping(output_dir: Path) -> None:
@@ -90,7 +93,7 @@ def user_errors(output_dir: Path | None) -> Iterator[None]:
     """Turn input errors raised inside the block into a one-line exit (unless HYDRA_FULL_ERROR=1)."""
     try:
         yield
-    except USER_ERRORS as error:
+    except _user_errors() as error:
         if output_dir is not None:
             remove_job_bookkeeping(output_dir)
         if full_error_requested():

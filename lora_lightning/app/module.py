@@ -61,7 +61,7 @@ class CausalLMModule(L.LightningModule):
             raise ValueError(f"optim.lr must be positive, got {lr!r}")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
-        self.model = model
+        self.model = model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
         self.tokenizer = tokenizer
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
@@ -71,6 +71,11 @@ class CausalLMModule(L.LightningModule):
     def forward(self, input_ids: Tensor, labels: Tensor | None = None):
         """input_ids, labels: (B, T) int64. Returns the transformers output (loss, logits (B, T, V))."""
         return self.model(input_ids=input_ids, labels=labels)
+
+    def on_fit_start(self) -> None:
+        # A trainer.validate() before fit (the app scores the base) runs under inference mode,
+        # which leaves the metric's state as inference tensors that fit's validation cannot update.
+        self.val_ppl.reset()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self(batch["input_ids"], batch["labels"]).loss

@@ -140,7 +140,8 @@ def _build(name: str, spec: Mapping[str, Any], out: Path) -> None:
     start = time.perf_counter()
     console().print(
         f"[bold]Building the {name} base[/bold] (first use; cached afterwards): byte-level BPE tokenizer and "
-        f"{pretrain['steps']} steps of full training on pydoc_data.topics"
+        f"{pretrain['steps']} steps of full training on pydoc_data.topics",
+        soft_wrap=True,
     )
     L.seed_everything(pretrain.get("seed", 0), verbose=False)
     texts = pydoc_corpus()

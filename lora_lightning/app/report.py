@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
@@ -35,29 +35,33 @@ def write_summary(output_dir: Path, summary: dict[str, Any]) -> Path:
 
 
 def print_recap(summary: dict[str, Any]) -> None:
-    """The final recap a person reads: perplexity before -> after, trainable share, where things are."""
-    table = Table(title="lora-lightning: done", show_header=False, title_justify="left", box=None, padding=(0, 2))
-    table.add_column(style="bold")
-    table.add_column()
+    """The final recap a person reads: perplexity before -> after, trainable share, where things are.
+
+    Plain aligned lines rather than a table, so long paths are never cut to the terminal width.
+    """
+    rows: list[tuple[str, str]] = []
     base, adapted = summary.get("base_val_ppl"), summary.get("val_ppl")
     if base is not None and adapted is not None:
-        table.add_row("val perplexity", f"{base:,.1f} (base) -> {adapted:,.1f} (LoRA)   x{adapted / base:.3f}")
+        rows.append(("val perplexity", f"{base:,.1f} (base) -> {adapted:,.1f} (LoRA), x{adapted / base:.3f}"))
     elif adapted is not None:
-        table.add_row("val perplexity", f"{adapted:,.1f}")
+        rows.append(("val perplexity", f"{adapted:,.1f}"))
     if summary.get("merged_val_ppl") is not None:
-        table.add_row("merged, reloaded", f"{summary['merged_val_ppl']:,.1f} (AutoModelForCausalLM from merged/)")
+        rows.append(("merged, reloaded", f"{summary['merged_val_ppl']:,.1f} (AutoModelForCausalLM from merged/)"))
     counts = summary.get("params", {})
     if counts:
-        table.add_row(
-            "trainable",
-            f"{counts['trainable']:,d} of {counts['total']:,d} params ({counts['trainable_percent']:.3f}%)",
-        )
-    table.add_row("lora", f"r={summary['lora']['r']} alpha={summary['lora']['alpha']} targets={summary['targets']}")
+        share = f"{counts['trainable']:,d} of {counts['total']:,d} params ({counts['trainable_percent']:.3f}%)"
+        rows.append(("trainable", share))
+    lora = summary["lora"]
+    rows.append(("lora", f"r={lora['r']} alpha={lora['alpha']} targets={summary['targets']}"))
     for label, key in (("adapter", "adapter"), ("merged model", "merged"), ("checkpoints", "checkpoints")):
         if summary["paths"].get(key):
-            table.add_row(label, summary["paths"][key])
-    table.add_row("summary", summary["paths"]["summary"])
+            rows.append((label, summary["paths"][key]))
+    rows.append(("summary", summary["paths"]["summary"]))
     if summary.get("sample"):
-        table.add_row("sample", repr(summary["sample"]))
-    table.add_row("time", f"{summary['wall_s']:.0f} s")
-    console().print(table)
+        rows.append(("sample", repr(summary["sample"])))
+    rows.append(("time", f"{summary['wall_s']:.0f} s"))
+    width = max(len(label) for label, _ in rows)
+    out = console()
+    out.print("[bold]lora-lightning: done[/bold]")
+    for label, value in rows:
+        out.print(f"  [bold]{label.ljust(width)}[/bold]  {escape(value)}", soft_wrap=True)

@@ -18,7 +18,6 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from lora_lightning.app.errors import UsageError, user_errors
 from lora_lightning.app.models import LoadedModel, check_name_or_path, resolve_targets
@@ -77,14 +76,14 @@ def _check_merged(merged_dir: Path, datamodule: Any, sample: DictConfig | None) 
 def _prepare(cfg: DictConfig, output_dir: Path) -> tuple[LoRAConfig, Any, LoadedModel]:
     """Every input check, then the base model and the tokenized data; raises only user errors."""
     with user_errors(output_dir):
-        try:
-            lora_config = lora_config_from(cfg)
-            if cfg.model.get("name_or_path") is not None:
-                check_name_or_path(cfg.model.name_or_path)
-            datamodule = instantiate(cfg.data, _convert_="all")
-            datamodule.source.check()
-        except OmegaConfBaseException as err:  # e.g. a mandatory ??? value left unset
-            raise UsageError(str(err)) from err
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise UsageError(f"required value not set: {', '.join(missing)} (give it on the command line, key=value)")
+        lora_config = lora_config_from(cfg)
+        if cfg.model.get("name_or_path") is not None:
+            check_name_or_path(cfg.model.name_or_path)
+        datamodule = instantiate(cfg.data, _convert_="all")
+        datamodule.source.check()
     L.seed_everything(cfg.seed, verbose=False)
     with user_errors(output_dir):
         loaded: LoadedModel = instantiate(cfg.model, _convert_="all")

@@ -79,6 +79,26 @@ def test_default_job_output_dir(default_job: Path) -> None:
     assert not any("lora" in name for name, _ in model.named_parameters())
 
 
+def test_default_job_adapter_reloads_onto_its_base(default_job: Path) -> None:
+    """The exported adapter on the base (ours and PEFT's loader) computes what the merged model computes."""
+    from peft import PeftModel
+
+    from lora_lightning import load_adapter
+
+    summary = read_summary(default_job)
+    ids = AutoTokenizer.from_pretrained(default_job / "merged")("class A:\n    def f(self):", return_tensors="pt").input_ids
+    merged = AutoModelForCausalLM.from_pretrained(default_job / "merged").eval()
+    expected = merged(input_ids=ids).logits
+    base = AutoModelForCausalLM.from_pretrained(summary["base_model"]).eval()
+    assert not torch.allclose(base(input_ids=ids).logits, expected, atol=1e-4)  # training changed something
+    load_adapter(base, default_job / "adapter")
+    torch.testing.assert_close(base(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(summary["base_model"]), default_job / "adapter"
+    ).eval()
+    torch.testing.assert_close(peft_model(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_default_job_wandb_offline_run(default_job: Path) -> None:
     (run_dir,) = offline_runs(default_job)
     run = read_offline_run(run_dir)

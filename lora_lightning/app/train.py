@@ -135,7 +135,11 @@ def run(cfg: DictConfig) -> float:
                 )
             )
         trainer: L.Trainer = instantiate(
-            cfg.trainer, logger=logger or False, callbacks=callbacks, default_root_dir=str(output_dir)
+            cfg.trainer,
+            logger=logger or False,
+            callbacks=callbacks,
+            enable_checkpointing=bool(cfg.checkpoint.enabled),  # else Lightning adds its own checkpointer
+            default_root_dir=str(output_dir),
         )
         before = _validate(trainer, module, datamodule) if cfg.eval_base else {}
         trainer.fit(module, datamodule=datamodule)
@@ -180,7 +184,8 @@ def run(cfg: DictConfig) -> float:
                     Path(lora.export_paths["merged"]), datamodule, cfg.get("sample")
                 )
             summary["wall_s"] = round(time.perf_counter() - start, 1)
-            log_results(logger, summary, (lora.export_paths or {}).get("adapter"), bool(cfg.logger.get("log_model")))
+            log_model = bool((cfg.get("logger") or {}).get("log_model"))
+            log_results(logger, summary, (lora.export_paths or {}).get("adapter"), log_model)
             write_summary(output_dir, summary)
             print_recap(summary)
         failed = False

@@ -148,6 +148,7 @@ def read_offline_run(run_dir: Path) -> dict[str, Any]:
     config: dict[str, Any] = {}
     summary: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
+    artifacts: list[dict[str, Any]] = []
     exit_code = None
     for raw in _records(path.read_bytes()):
         record = pb.Record()
@@ -164,9 +165,22 @@ def read_offline_run(run_dir: Path) -> dict[str, Any]:
             summary.update({_key(u): json.loads(u.value_json) for u in record.summary.update})
         elif kind == "history":
             history.append({_key(i): json.loads(i.value_json) for i in record.history.item})
+        elif kind == "artifact":
+            a = record.artifact
+            files = [entry.path for entry in a.manifest.contents]
+            artifacts.append(
+                {"name": a.name, "type": a.type, "files": files, "metadata": json.loads(a.metadata or "{}")}
+            )
         elif kind == "exit":
             exit_code = record.exit.exit_code
-    return {"run": run, "config": config, "summary": summary, "history": history, "exit_code": exit_code}
+    return {
+        "run": run,
+        "config": config,
+        "summary": summary,
+        "history": history,
+        "artifacts": artifacts,
+        "exit_code": exit_code,
+    }
 
 
 def offline_runs(output_dir: Path) -> list[Path]:

@@ -107,7 +107,11 @@ def test_data_options_instantiate_and_batch(name: str, llama: LoadedModel, tmp_p
         extra = [f"data.source.train=[{tmp_path}/*.txt]", f"data.source.val=[{tmp_path / 'b.jsonl'}]"]
     if name == "hf_dataset":
         (tmp_path / "corpus.txt").write_text("\n".join(f"line {i} of a local corpus" for i in range(400)))
-        extra = ["data.source.path=text", f"data.source.data_files={tmp_path / 'corpus.txt'}", "data.source.val_split=null"]
+        extra = [
+            "data.source.path=text",
+            f"data.source.data_files={tmp_path / 'corpus.txt'}",
+            "data.source.val_split=null",
+        ]
     cfg = _compose([f"data={name}", "data.block_size=32", "data.batch_size=2", *extra])
     data = instantiate(cfg.data, tokenizer=llama.tokenizer, _convert_="all")
     if name == "hf_dataset" and importlib.util.find_spec("datasets") is None:

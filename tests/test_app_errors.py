@@ -17,7 +17,10 @@ CASES = {
         ["lora.targets='mlp'", "tiny_llama", "qv, attention, all_linear"],
     ),
     "unknown target role": (["lora.targets=ffn"], ["lora.targets='ffn'", "model.target_roles"]),
-    "missing model path": (["model=hf", "model.name_or_path=/nonexistent/model"], ["/nonexistent/model", "does not exist"]),
+    "missing model path": (
+        ["model=hf", "model.name_or_path=/nonexistent/model"],
+        ["/nonexistent/model", "does not exist"],
+    ),
     "unset model path": (["model=hf"], ["required value not set: model.name_or_path"]),
     "missing data file": (
         ["data=text_files", "data.source.train=[/nonexistent/notes.txt]"],
@@ -64,5 +67,9 @@ def test_help_lists_the_config_groups(tmp_path: Path, help_flag: str) -> None:
     proc = start_cli([help_flag], tmp_path / "cache", tmp_path)
     stdout, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0
-    for group in ("model: hf, tiny_gpt2, tiny_llama", "rank: r16, r32, r4, r64, r8", "targets: all_linear, attention, mlp, qv"):
+    for group in (
+        "model: hf, tiny_gpt2, tiny_llama",
+        "rank: r16, r32, r4, r64, r8",
+        "targets: all_linear, attention, mlp, qv",
+    ):
         assert group in stdout

@@ -30,27 +30,28 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def default_job(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default job (tiny Llama, r8, qv, stdlib code, W&B offline), shrunk, through the CLI."""
+    """The default job (tiny Llama, r8, all linear layers, stdlib code, W&B offline), shrunk, through the CLI."""
     work = tmp_path_factory.mktemp("default-job")
     out = work / "run"
-    proc = run_cli([*TINY_LLAMA, *SHORT, f"hydra.run.dir={out}"], cache_dir, cwd=work)
+    proc = run_cli([*TINY_LLAMA, *SHORT, "logger.log_model=true", f"hydra.run.dir={out}"], cache_dir, cwd=work)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
 
 def test_default_job_learns_and_reports(default_job: Path) -> None:
     summary = read_summary(default_job)
-    assert summary["model"] == "tiny_llama" and summary["targets"] == "qv"
+    assert summary["model"] == "tiny_llama" and summary["targets"] == "all_linear"
     assert summary["lora"]["r"] == 8 and summary["lora"]["alpha"] == 16
-    assert summary["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    assert summary["lora"]["target_modules"] == "all-linear"
     # The adapters were trained: held-out code got more predictable than under the base.
     assert summary["val_ppl"] < summary["base_val_ppl"]
     assert math.isclose(summary["val_ppl"], math.exp(summary["val_loss"]), rel_tol=1e-3)
     # The exported merged model, reloaded by transformers, scores what the adapted model scored.
     assert math.isclose(summary["merged_val_ppl"], summary["val_ppl"], rel_tol=2e-3)
     params = summary["params"]
-    # q_proj 64->64 and v_proj 64->32 in 2 layers, r=8: 2 * 8 * ((64 + 64) + (64 + 32)).
-    assert params["trainable"] == 2 * 8 * (128 + 96) and params["adapted_modules"] == 4
+    # Per layer, r=8 on q 64->64, k 64->32, v 64->32, o 64->64, gate/up 64->128, down 128->64; 2 layers.
+    per_layer = 8 * ((64 + 64) + (64 + 32) * 2 + (64 + 64) + (64 + 128) * 3)
+    assert params["trainable"] == 2 * per_layer and params["adapted_modules"] == 14
     assert summary["steps"] == 8 and isinstance(summary["sample"], str)
 
 
@@ -63,9 +64,11 @@ def test_default_job_output_dir(default_job: Path) -> None:
     # Adapter in PEFT's format.
     adapter_cfg = json.loads((default_job / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 8 and adapter_cfg["lora_alpha"] == 16
-    assert {name.rsplit(".", 1)[-1] for name in adapter_cfg["target_modules"]} == {"q_proj", "v_proj"}
+    targets = adapter_cfg["target_modules"]
+    linear = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert targets == "all-linear" or {name.rsplit(".", 1)[-1] for name in targets} == linear
     tensors = load_file(default_job / "adapter" / "adapter_model.safetensors")
-    assert len(tensors) == 8 and all(".lora_A." in k or ".lora_B." in k for k in tensors)
+    assert len(tensors) == 2 * 14 and all(".lora_A." in k or ".lora_B." in k for k in tensors)
     # Checkpoints hold the adapters only.
     (ckpt,) = (default_job / "checkpoints").glob("*.ckpt")
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
@@ -86,7 +89,9 @@ def test_default_job_adapter_reloads_onto_its_base(default_job: Path) -> None:
     from lora_lightning import load_adapter
 
     summary = read_summary(default_job)
-    ids = AutoTokenizer.from_pretrained(default_job / "merged")("class A:\n    def f(self):", return_tensors="pt").input_ids
+    ids = AutoTokenizer.from_pretrained(default_job / "merged")(
+        "class A:\n    def f(self):", return_tensors="pt"
+    ).input_ids
     merged = AutoModelForCausalLM.from_pretrained(default_job / "merged").eval()
     expected = merged(input_ids=ids).logits
     base = AutoModelForCausalLM.from_pretrained(summary["base_model"]).eval()
@@ -108,7 +113,7 @@ def test_default_job_wandb_offline_run(default_job: Path) -> None:
     # The LoRA config and the counts are in the run config.
     assert config["lora/r"] == 8 and config["lora/alpha"] == 16
     assert config["lora/trainable_params"] == read_summary(default_job)["params"]["trainable"]
-    assert config["lora"]["targets"] == "qv" and config["model"]["name"] == "tiny_llama"
+    assert config["lora"]["targets"] == "all_linear" and config["model"]["name"] == "tiny_llama"
     # Losses and perplexity are in the history, the final figures in the summary.
     val_ppl = [row["val/ppl"] for row in run["history"] if "val/ppl" in row]
     assert len(val_ppl) >= 3  # before training, twice during, after
@@ -116,6 +121,10 @@ def test_default_job_wandb_offline_run(default_job: Path) -> None:
     assert summary["final/val_loss"] == pytest.approx(read_summary(default_job)["val_loss"])
     assert summary["final/base_val_ppl"] > summary["final/val_ppl"]
     assert "train/loss" in summary and run["exit_code"] == 0  # wandb.finish() ran
+    # logger.log_model=true: the exported PEFT adapter is the run's model artifact.
+    (artifact,) = run["artifacts"]
+    assert artifact["type"] == "model" and artifact["name"] == f"adapter-{run['run']['id']}"
+    assert sorted(artifact["files"]) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
 def _compose(overrides: list[str], output_dir: Path) -> DictConfig:
@@ -157,7 +166,9 @@ def test_hf_model_from_local_dir(cache_dir: Path, default_job: Path, tmp_path: P
     base = read_summary(default_job)["base_model"]  # the tiny Llama base in the cache
     out = tmp_path / "run"
     args = ["model=hf", f"model.name_or_path={base}", "model.torch_dtype=float32", *SHORT, "logger=none"]
-    proc = run_cli([*args, "targets=attention", "checkpoint.enabled=false", f"hydra.run.dir={out}"], cache_dir, tmp_path)
+    proc = run_cli(
+        [*args, "targets=attention", "checkpoint.enabled=false", f"hydra.run.dir={out}"], cache_dir, tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = read_summary(out)
     assert summary["model"] == "hf" and summary["base_model"] == base

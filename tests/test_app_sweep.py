@@ -1,4 +1,4 @@
-"""Hydra multirun through the CLI: the rank x targets grid, and parallel jobs with the joblib launcher."""
+"""Many processes through the CLI: the rank x targets multirun, joblib's parallel jobs, a 2-process DDP job."""
 
 from __future__ import annotations
 
@@ -70,3 +70,24 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(cache_dir: Path, tmp_pa
         assert (job / "adapter" / "adapter_config.json").is_file()
         assert (job / "csv" / "version_0" / "metrics.csv").is_file()
         assert summary["paths"]["output_dir"] == str(job)
+
+
+def test_ddp_job_on_two_cpu_processes(cache_dir: Path, tmp_path: Path) -> None:
+    """trainer=ddp: Lightning re-launches the Hydra command for rank 1; rank 0 alone writes the results."""
+    out = tmp_path / "run"
+    args = [
+        "trainer=ddp",
+        "trainer.devices=2",
+        *TINY_LLAMA,
+        *SHORT,
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+    ]
+    proc = run_cli([*args, f"hydra.run.dir={out}"], cache_dir, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = read_summary(out)
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert summary["val_ppl"] < summary["base_val_ppl"]
+    # Both ranks held the same adapters: the merged model rank 0 exported scores what DDP validated.
+    assert abs(summary["merged_val_ppl"] - summary["val_ppl"]) / summary["val_ppl"] < 2e-3
+    assert len(offline_runs(out)) == 1  # one W&B run, from rank 0

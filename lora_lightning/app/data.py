@@ -59,7 +59,15 @@ class StdlibCode:
         self,
         root: str | None = None,
         val_fraction: float = 0.05,
-        exclude_dirs: Sequence[str] = ("site-packages", "dist-packages", "test", "tests", "idle_test", "pydoc_data", "encodings"),
+        exclude_dirs: Sequence[str] = (
+            "site-packages",
+            "dist-packages",
+            "test",
+            "tests",
+            "idle_test",
+            "pydoc_data",
+            "encodings",
+        ),
     ) -> None:
         _check_fraction(val_fraction, "data.source.val_fraction")
         self.root = Path(root).expanduser() if root else Path(sysconfig.get_paths()["stdlib"])
@@ -74,7 +82,9 @@ class StdlibCode:
         """The split's files, in the fixed shuffled order the data module reads them."""
         keys = []
         for folder, dirs, names in os.walk(self.root):
-            dirs[:] = sorted(d for d in dirs if d not in self.exclude_dirs and d != "__pycache__")  # prune, don't filter
+            dirs[:] = sorted(
+                d for d in dirs if d not in self.exclude_dirs and d != "__pycache__"
+            )  # prune, don't filter
             rel = Path(folder).relative_to(self.root)
             for name in names:
                 key = (rel / name).as_posix()
@@ -231,7 +241,9 @@ class HFDataset:
         try:
             import datasets  # noqa: F401
         except ImportError as err:
-            raise UsageError("data=hf_dataset needs the datasets library: pip install 'lora-lightning[datasets]'") from err
+            raise UsageError(
+                "data=hf_dataset needs the datasets library: pip install 'lora-lightning[datasets]'"
+            ) from err
 
     def documents(self, split: Split) -> Iterator[str]:
         from datasets import load_dataset
@@ -239,7 +251,9 @@ class HFDataset:
         wanted = self.train_split if split == "train" or self.val_split is None else self.val_split
         data = load_dataset(self.path, self.name, data_files=self.data_files, split=wanted, revision=self.revision)
         if self.text_field not in data.column_names:
-            raise UsageError(f"data.source.text_field={self.text_field!r} is not a column of {self}: {data.column_names}")
+            raise UsageError(
+                f"data.source.text_field={self.text_field!r} is not a column of {self}: {data.column_names}"
+            )
         for index, text in enumerate(data[self.text_field]):
             if self.val_split is None and split_of(str(index), self.val_fraction) != split:
                 continue
@@ -293,6 +307,20 @@ def pack(tokenizer: Any, documents: Iterator[str], block_size: int, max_tokens: 
     return torch.tensor(stream[: count * block_size], dtype=torch.long).view(count, block_size)
 
 
+# Validation reads up to this many times its token budget and keeps evenly spaced blocks, so the
+# score covers many held-out files instead of the first few.
+_VAL_READ = 16
+
+
+def spread(blocks: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` evenly spaced rows of ``blocks`` (all of them if there are fewer)."""
+    if count <= 0:
+        raise UsageError(f"data.max_val_tokens must hold at least one block, got {count} blocks")
+    if len(blocks) <= count:
+        return blocks
+    return blocks[torch.linspace(0, len(blocks) - 1, count).round().long()]
+
+
 class TokenBlockDataModule(L.LightningDataModule):
     """Fixed-length token blocks of a source's train and val documents.
 
@@ -336,12 +364,18 @@ class TokenBlockDataModule(L.LightningDataModule):
             raise ValueError("TokenBlockDataModule needs a tokenizer before setup")
         self.source.check()
         self.train_blocks = pack(self.tokenizer, self.source.documents("train"), self.block_size, self.max_train_tokens)
-        self.val_blocks = pack(self.tokenizer, self.source.documents("val"), self.block_size, self.max_val_tokens)
+        self.val_blocks = self._val_blocks()
         if len(self.train_blocks) < self.batch_size:
             raise UsageError(
                 f"data: {self.source!r} gives {len(self.train_blocks)} training blocks of {self.block_size} tokens, "
                 f"fewer than one batch of {self.batch_size}"
             )
+
+    def _val_blocks(self) -> torch.Tensor:
+        if self.max_val_tokens is None:
+            return pack(self.tokenizer, self.source.documents("val"), self.block_size)
+        read = pack(self.tokenizer, self.source.documents("val"), self.block_size, _VAL_READ * self.max_val_tokens)
+        return spread(read, self.max_val_tokens // self.block_size)
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)

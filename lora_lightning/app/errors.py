@@ -26,11 +26,13 @@ class UsageExit(SystemExit):
     """Ends the process with one line on stderr.
 
     A ``SystemExit`` rather than an ``Exception`` so that Hydra's job runner, which catches
-    ``Exception`` and prints a traceback, lets it through unchanged.
+    ``Exception`` and prints a traceback, lets it through unchanged. The message is the exit code,
+    as in ``sys.exit("...")``: uncaught, Python prints it and exits with status 1; and it survives
+    pickling, so a joblib or SLURM worker hands it back to the launcher intact.
     """
 
     def __init__(self, message: str) -> None:
-        super().__init__(1)
+        super().__init__(message)
         self.message = message
 
 

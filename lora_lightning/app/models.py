@@ -60,7 +60,9 @@ def resolve_targets(
         return [str(name) for name in names]
     names = list(targets)
     if not names or not all(isinstance(name, str) and name for name in names):
-        raise UsageError(f"lora.targets must be a role ({', '.join(ROLES)}) or a non-empty list of names, got {targets!r}")
+        raise UsageError(
+            f"lora.targets must be a role ({', '.join(ROLES)}) or a non-empty list of names, got {targets!r}"
+        )
     return names
 
 
@@ -75,7 +77,9 @@ def check_name_or_path(name_or_path: Any) -> None:
         return
     looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
     if looks_local or not _HUB_ID.match(name_or_path):
-        raise UsageError(f"model.name_or_path={name_or_path!r} does not exist (a local directory or a hub id is expected)")
+        raise UsageError(
+            f"model.name_or_path={name_or_path!r} does not exist (a local directory or a hub id is expected)"
+        )
 
 
 def _dtype_kwargs(torch_dtype: str | None) -> dict[str, Any]:

@@ -45,7 +45,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     if not isinstance(vocab_size, int) or vocab_size < 257:
-        raise ValueError(f"model.tokenizer.vocab_size must be an integer >= 257 (256 bytes + <|endoftext|>), got {vocab_size!r}")
+        raise ValueError(
+            f"model.tokenizer.vocab_size must be an integer >= 257 (256 bytes + <|endoftext|>), got {vocab_size!r}"
+        )
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()

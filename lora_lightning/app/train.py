@@ -101,6 +101,7 @@ def run(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     lora_config, datamodule, loaded = _prepare(cfg, output_dir)
+    timings = {"prepare_s": time.perf_counter() - start}  # base (built on first use), data
 
     rank_zero_only(write_atomic)(output_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     choices = hydra_cfg.runtime.choices
@@ -141,8 +142,11 @@ def run(cfg: DictConfig) -> float:
             enable_checkpointing=bool(cfg.checkpoint.enabled),  # else Lightning adds its own checkpointer
             default_root_dir=str(output_dir),
         )
+        mark = time.perf_counter()
         before = _validate(trainer, module, datamodule) if cfg.eval_base else {}
+        timings["base_eval_s"], mark = time.perf_counter() - mark, time.perf_counter()
         trainer.fit(module, datamodule=datamodule)
+        timings["fit_s"], mark = time.perf_counter() - mark, time.perf_counter()
         train_loss = _metric(trainer.callback_metrics, "train/loss")
         after = _validate(trainer, module, datamodule)
         if cfg.monitor not in after:
@@ -152,7 +156,7 @@ def run(cfg: DictConfig) -> float:
             "model": loaded.name,
             "base_model": loaded.name_or_path,
             "data": repr(datamodule.source),
-            "targets": OmegaConf.to_container(cfg.lora.targets) if not isinstance(cfg.lora.targets, str) else cfg.lora.targets,
+            "targets": OmegaConf.to_object(cfg.lora).get("targets"),  # the role, or the explicit list
             "lora": {key: value for key, value in lora_config.to_dict().items() if value not in (None, [], {})},
             "params": {
                 "trainable": lora.report.params.trainable,
@@ -161,6 +165,7 @@ def run(cfg: DictConfig) -> float:
                 "adapted_modules": len(lora.report.modules),
             },
             "steps": trainer.global_step,
+            "world_size": trainer.world_size,
             "train_loss": train_loss,
             "base_val_loss": _metric(before, "val/loss"),
             "base_val_ppl": _metric(before, "val/ppl"),
@@ -183,6 +188,8 @@ def run(cfg: DictConfig) -> float:
                 summary["merged_val_ppl"], summary["sample"] = _check_merged(
                     Path(lora.export_paths["merged"]), datamodule, cfg.get("sample")
                 )
+            timings["after_fit_s"] = time.perf_counter() - mark  # scoring, export check, sample
+            summary["timings"] = {key: round(value, 1) for key, value in timings.items()}
             summary["wall_s"] = round(time.perf_counter() - start, 1)
             log_model = bool((cfg.get("logger") or {}).get("log_model"))
             log_results(logger, summary, (lora.export_paths or {}).get("adapter"), log_model)

@@ -17,34 +17,17 @@ from shapes import RANK, TARGETS, Shape
 from torch import nn
 
 from lora_lightning import LoRAConfig, inject_lora, merge_and_unload
-from lora_lightning.inject import lora_layers
+from lora_lightning.inject import _set_submodule, lora_layers
 from lora_lightning.layers import LoRALinear
 
-# bf16 keeps 8 significant bits (unit roundoff 2^-9 = 2e-3); through two decoder layers and the
-# LM head the relative error of logits and adapter gradients measured 4e-3 .. 1.2e-2 (tiny, CPU).
-# A missing scale, a dropped adapter path or a gradient summed in bf16 shows up as 1e-1 or more.
-OUTPUT_TOL = 2e-2
-GRAD_TOL = 3e-2
-
-
-def combine_rounds(rows: list[dict]) -> list[dict]:
-    """Several rounds of one variant -> one row: median of the round medians, spread covering them."""
-    merged: dict[str, dict] = {}
-    for variant in dict.fromkeys(r["variant"] for r in rows):
-        mine = [r for r in rows if r["variant"] == variant]
-        good = [r for r in mine if "error" not in r]
-        if not good:
-            merged[variant] = mine[0]
-            continue
-        medians = [r["ms"] for r in good]
-        row = dict(good[0])
-        row["ms"] = statistics.median(medians)
-        row["ms_spread"] = max(max(r["ms_spread"] for r in good), (max(medians) - min(medians)) / 2)
-        row["peak_bytes"] = max(r["peak_bytes"] for r in good)
-        if "step_bytes" in row:
-            row["step_bytes"] = max(r["step_bytes"] for r in good)
-        merged[variant] = row
-    return list(merged.values())
+# bf16 keeps 8 significant bits (unit roundoff 2^-9 = 2e-3); through two decoder layers and the LM
+# head the plain formula in bf16 lands 1e-2 .. 3e-2 from float32 (tiny, CPU). Ours must be as good
+# as that, within RELATIVE_TOL (+ a slack for near-zero errors), and never beyond ABSOLUTE_CAP. A
+# missing scale or a dropped adapter path shows up as 1e-1 or more.
+RELATIVE_TOL = 1.25
+ABSOLUTE_SLACK = 1e-3
+ABSOLUTE_CAP = 1e-1
+MERGE_MISMATCH_TOL = 1e-3
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -62,14 +45,61 @@ def _forward_backward(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor
     return out.logits.detach().float(), grads
 
 
-def bf16_check(shape: Shape, device: torch.device) -> tuple[bool, str]:
-    """Adapted bf16 model vs a float32 copy of the same weights: logits, adapter grads, merge.
+class PlainLoRA(nn.Module):
+    """The adapted linear as plain autograd ops, ``W x + s B (A x)``: the independent reference.
 
-    Adapter B factors are random (not zero), so the adapter path and both factors' gradients are
-    exercised. Checked with adapters in bf16 (the default) and in float32 (``adapter_dtype``).
+    Holds the same base layer and factors as the LoRALinear it replaces (so parameter names and
+    gradients line up); factors are cast to the input dtype, as any bf16 implementation would.
     """
-    header = f"== bf16 check ({shape.note}, {shape.tokens} tokens, {device.type}): rel. error vs float32 copy =="
-    lines = [header, f"{'adapters':<9} {'logits':>9} {'grad A':>9} {'grad B':>9} {'worst layer':>11}  merge"]
+
+    def __init__(self, layer: LoRALinear) -> None:
+        super().__init__()
+        self.base_layer, self.lora_A, self.lora_B, self.scale = (
+            layer.base_layer,
+            layer.lora_A,
+            layer.lora_B,
+            layer.scale,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.scale * (x @ self.lora_A.to(x.dtype).t()) @ self.lora_B.to(x.dtype).t()
+
+
+def _plain_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    twin = copy.deepcopy(model)
+    for name, layer in lora_layers(twin).items():
+        _set_submodule(twin, name, PlainLoRA(layer))
+    return twin.to(dtype) if dtype is not None else twin
+
+
+def _errors(got: tuple, want: tuple) -> dict[str, float]:
+    (logits, grads), (ref_logits, ref_grads) = got, want
+    errors = {"logits": _relative_error(logits, ref_logits)}
+    for factor in ("lora_A", "lora_B"):
+        names = sorted(n for n in ref_grads if n.endswith(factor))
+        if not names or any(n not in grads for n in names):
+            raise RuntimeError(f"no gradient reached some {factor}")
+        flat = [torch.cat([g[n].flatten() for n in names]) for g in (grads, ref_grads)]
+        errors[factor] = _relative_error(*flat)
+    return errors
+
+
+def bf16_check(shape: Shape, device: torch.device) -> tuple[bool, str]:
+    """lora-lightning's bf16 forward + backward and merge, against independent references.
+
+    Reference: the plain formula (:class:`PlainLoRA`) in float32 on the same (bf16-valued) weights.
+    Our relative error of logits and of the adapter gradients is set beside that of the same
+    plain formula run in bf16: bf16 rounding through a network costs about 1e-2 whatever the
+    implementation, so ours must stay within ``RELATIVE_TOL`` of plain bf16's (and under an
+    absolute cap). B is random (not zero) and scale is 2, so the adapter path, both factors'
+    gradients and the scale all show in the numbers. Checked with adapters in bf16 (default) and
+    float32 (``adapter_dtype``).
+    """
+    header = f"== bf16 check ({shape.note}, {shape.tokens} tokens, {device.type}): rel. error vs float32 =="
+    lines = [
+        header,
+        f"{'adapters':<9} {'':<11} {'logits':>9} {'grad A':>9} {'grad B':>9}  merge (bf16)",
+    ]
     ok = True
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # the reference must not run in tf32
@@ -77,67 +107,76 @@ def bf16_check(shape: Shape, device: torch.device) -> tuple[bool, str]:
         for adapter_dtype in (None, "float32"):
             label = adapter_dtype or "bf16"
             try:
-                line, passed = _bf16_case(shape, device, adapter_dtype)
+                case_lines, passed = _bf16_case(shape, device, adapter_dtype)
             except Exception as exc:
-                line, passed = f"FAILED: {shapes.error_text(exc)}", False
+                case_lines, passed = [f"{'':<11} FAILED: {shapes.error_text(exc)}"], False
             ok &= passed
-            lines.append(f"{label:<9} {line}")
+            lines += [f"{label if i == 0 else '':<9} {line}" for i, line in enumerate(case_lines)]
             shapes.free_device_memory(device)
     finally:
         torch.set_float32_matmul_precision(previous)
     lines.append(
-        f"tolerance: logits <= {OUTPUT_TOL:g}, adapter grads <= {GRAD_TOL:g}, merge bit-exact"
-        f" -> {'PASS' if ok else 'FAIL'}"
+        f"tolerance: ours <= {RELATIVE_TOL:g} x plain bf16 + {ABSOLUTE_SLACK:g} and <= {ABSOLUTE_CAP:g};"
+        f" merge vs exact sum rounded once: <= {MERGE_MISMATCH_TOL:g} of elements off, none beyond 1 bf16 ulp"
+        f" + float32 error -> {'PASS' if ok else 'FAIL'}"
     )
     return ok, "\n".join(lines)
 
 
-def _bf16_case(shape: Shape, device: torch.device, adapter_dtype: str | None) -> tuple[str, bool]:
+def _bf16_case(shape: Shape, device: torch.device, adapter_dtype: str | None) -> tuple[list[str], bool]:
     model = shapes.build_model(shape, device, torch.bfloat16)
-    inject_lora(model, LoRAConfig(r=RANK, alpha=RANK, target_modules=TARGETS, adapter_dtype=adapter_dtype))
+    # alpha = 2r: a scale of 2, so a scale applied twice or not at all is visible
+    inject_lora(model, LoRAConfig(r=RANK, alpha=2 * RANK, target_modules=TARGETS, adapter_dtype=adapter_dtype))
     generator = torch.Generator(device="cpu").manual_seed(3)
     with torch.no_grad():
         for layer in lora_layers(model).values():
             # Large enough that the adapter moves outputs by tens of percent: errors in it are visible.
-            b = torch.randn(layer.lora_B.shape, generator=generator) * 0.2
-            layer.lora_B.copy_(b)
-    reference = copy.deepcopy(model).float()
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.2)
     ids = shapes.token_batch(shape, device)
-    logits, grads = _forward_backward(model, ids)
-    ref_logits, ref_grads = _forward_backward(reference, ids)
-    del reference
-
-    errors = {"logits": _relative_error(logits, ref_logits)}
-    per_layer = []
-    for factor in ("lora_A", "lora_B"):
-        names = sorted(n for n in ref_grads if n.endswith(factor))
-        if not names:
-            raise RuntimeError(f"no gradient reached any {factor}")
-        got = torch.cat([grads[n].flatten() for n in names])
-        want = torch.cat([ref_grads[n].flatten() for n in names])
-        errors[factor] = _relative_error(got, want)
-        per_layer += [_relative_error(grads[n], ref_grads[n]) for n in names]
-    worst = max(per_layer)
-
-    # Merge: W + s*B@A summed in float32, rounded once into bf16; compare with that formula.
-    want = {
-        name: (layer.base_layer.weight.float() + layer.scale * layer.lora_B.float() @ layer.lora_A.float()).to(
-            torch.bfloat16
-        )
-        for name, layer in lora_layers(model).items()
-    }
-    merge_and_unload(model)
-    mismatched = sum(
-        int((model.get_submodule(name).weight != w).sum()) for name, w in want.items()
-    )  # elements not equal to the once-rounded sum
-    total = sum(w.numel() for w in want.values())
-    passed = errors["logits"] <= OUTPUT_TOL and max(errors["lora_A"], errors["lora_B"]) <= GRAD_TOL
-    passed &= mismatched == 0
-    line = (
-        f"{errors['logits']:9.2e} {errors['lora_A']:9.2e} {errors['lora_B']:9.2e} {worst:11.2e}  "
-        f"{mismatched}/{total} differ  {'ok' if passed else 'OUT OF TOLERANCE'}"
+    reference = _forward_backward(_plain_copy(model, torch.float32), ids)
+    plain = _errors(_forward_backward(_plain_copy(model), ids), reference)
+    ours = _errors(_forward_backward(model, ids), reference)
+    passed = all(
+        ours[k] <= min(RELATIVE_TOL * plain[k] + ABSOLUTE_SLACK, ABSOLUTE_CAP) for k in ("logits", "lora_A", "lora_B")
     )
-    return line, passed
+
+    # Merge: the exact W + s*B@A (float64) rounded once into bf16 is what a merge should give. A sum
+    # in float32 may miss it by one rounding of the result plus float32 error of the terms (which
+    # counts where W and s*B@A cancel); rounding s*B@A to bf16 before adding misses it in ~30%.
+    want = {name: merge_bound(layer) for name, layer in lora_layers(model).items()}
+    merge_and_unload(model)
+    mismatched = outside = 0
+    for name, (exact, allowed) in want.items():
+        got = model.get_submodule(name).weight.double()
+        mismatched += int((got != exact.to(torch.bfloat16).double()).sum())
+        outside += int(((got - exact).abs() > allowed).sum())
+    total = sum(exact.numel() for exact, _ in want.values())
+    merge_ok = mismatched <= MERGE_MISMATCH_TOL * total and outside == 0
+    passed &= merge_ok
+
+    def cells(e: dict[str, float]) -> str:
+        return f"{e['logits']:9.2e} {e['lora_A']:9.2e} {e['lora_B']:9.2e}"
+
+    return [
+        f"{'ours':<11} {cells(ours)}  {mismatched}/{total} off, {outside} beyond bound  "
+        f"{'ok' if passed else 'OUT OF TOLERANCE'}",
+        f"{'plain bf16':<11} {cells(plain)}",
+    ], passed
+
+
+def merge_bound(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact merged weight (float64) and how far a correct bf16 merge may land from it.
+
+    Allowed: half a bf16 ulp of the result for its one rounding (a full ulp, for ties decided by
+    the float32 sum) plus float32 rounding error of the terms, ``2^-20 (|W| + |s| |B| |A|)``.
+    """
+    weight, scale = layer.base_layer.weight.double(), layer.scale
+    B, A = layer.lora_B.double(), layer.lora_A.double()
+    exact = weight + scale * B @ A
+    tiny = torch.finfo(torch.bfloat16).tiny
+    ulp = torch.finfo(torch.bfloat16).eps * exact.abs().clamp_min(tiny)  # >= one bf16 ulp at |exact|
+    terms = weight.abs() + abs(scale) * B.abs() @ A.abs()
+    return exact, ulp + 2.0**-20 * terms
 
 
 def _randomise_factors(model: nn.Module, std: float = 1e-3) -> None:
@@ -222,9 +261,9 @@ def layer_timing(shape: Shape, device: torch.device, dtype: torch.dtype, repeats
         get_peft_model = None
     for label, (d_in, d_out) in _linear_shapes(shape).items():
         try:
-            results = {}
             x = torch.randn(tokens, d_in, device=device, dtype=dtype, requires_grad=True)
             grad = torch.randn(tokens, d_out, device=device, dtype=dtype)
+            calls = {}
             for variant in ("frozen", "lora", "lora_fa", "peft"):
                 with torch.device(device):
                     base = nn.Linear(d_in, d_out, bias=False, dtype=dtype).requires_grad_(False)
@@ -245,8 +284,9 @@ def layer_timing(shape: Shape, device: torch.device, dtype: torch.dtype, repeats
                     for p in layer.parameters():
                         p.grad = None
 
-                times = shapes.time_calls(call, device, warmup=3, repeats=repeats)
-                results[variant] = statistics.median(times)
+                calls[variant] = call
+            timed = shapes.time_interleaved(calls, device, warmup=3, repeats=repeats)
+            results = {v: statistics.median(t) for v, t in timed.items() if not isinstance(t, str)}
             frozen = results["frozen"]
             cells = [f"{frozen:8.3f}"] + [
                 f"{results[v]:8.3f} ({results[v] / frozen:4.2f})" if v in results else f"{'-':>14}"

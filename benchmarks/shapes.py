@@ -133,6 +133,44 @@ def time_calls(fn: Callable[[], None], device: torch.device, warmup: int, repeat
     return times
 
 
+def time_interleaved(
+    calls: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, list[float] | str]:
+    """Like :func:`time_calls` for several calls taking turns, one call each per round.
+
+    On a shared machine the load from other processes changes from second to second; taking
+    turns spreads it over every call alike. A call that raises is dropped from later rounds and
+    its entry is the error text instead of the times.
+    """
+    live, results = dict(calls), {}
+    records: dict[str, list] = {name: [] for name in calls}
+    cuda = device.type == "cuda"
+    for index in range(warmup + repeats):
+        if index == warmup:
+            synchronize(device)
+        for name, fn in list(live.items()):
+            timed = index >= warmup
+            if cuda and timed:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            try:
+                fn()
+            except Exception as exc:
+                results[name] = error_text(exc)
+                del live[name]
+                continue
+            if timed and cuda:
+                end.record()
+                records[name].append((start, end))
+            elif timed:
+                records[name].append((time.perf_counter() - t0) * 1e3)
+    synchronize(device)
+    for name in live:
+        results[name] = [s.elapsed_time(e) for s, e in records[name]] if cuda else records[name]
+    return results
+
+
 def summarise(times: list[float]) -> tuple[float, float]:
     """Median and half the spread between the 25th and 75th percentile (ms)."""
     if len(times) < 4:

@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -85,13 +86,12 @@ def measure(variant: str, shape: Shape, device: torch.device, dtype: torch.dtype
     return row
 
 
-def _measure(variant: str, shape: Shape, device: torch.device, dtype: torch.dtype, warmup: int, steps: int) -> dict:
-    t_build = time.perf_counter()
+def make_step(variant: str, shape: Shape, device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], None], int]:
+    """Build the model for ``variant`` and return one training step over a fixed batch, and its trainable count."""
     model = prepare(variant, shapes.build_model(shape, device, dtype))
     ids = shapes.token_batch(shape, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda") if params else None
-    trainable = sum(p.numel() for p in params)
 
     def step() -> None:
         loss = model(input_ids=ids, labels=ids).loss
@@ -100,27 +100,56 @@ def _measure(variant: str, shape: Shape, device: torch.device, dtype: torch.dtyp
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+    return step, sum(p.numel() for p in params)
+
+
+def _measure(variant: str, shape: Shape, device: torch.device, dtype: torch.dtype, warmup: int, steps: int) -> dict:
+    t_build = time.perf_counter()
+    step, trainable = make_step(variant, shape, device, dtype)
     shapes.synchronize(device)
     build_s = time.perf_counter() - t_build
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = shapes.rss_bytes()
     t0 = time.perf_counter()
-    times = shapes.time_calls(step, device, warmup, steps)
-    median, spread = shapes.summarise(times)
+    for _ in range(warmup):  # optimizer state is allocated here; the compiled variant compiles here
+        step()
+    shapes.synchronize(device)
+    warmup_s = time.perf_counter() - t0
+    median, spread = shapes.summarise(shapes.time_calls(step, device, 0, steps))
     row = {
         "ms": median,
         "ms_spread": spread,
         "trainable": trainable,
         "build_s": build_s,
-        "timed_s": time.perf_counter() - t0,
+        "warmup_s": warmup_s,
     }
     if device.type == "cuda":
         row["peak_bytes"] = torch.cuda.max_memory_allocated(device)
     else:
         row["peak_bytes"] = shapes.peak_rss_bytes()
         row["step_bytes"] = row["peak_bytes"] - rss_before  # growth during training on top of the built model
-    return row  # model and optimizer die with this frame; the caller then empties the cache
+    return row  # the model and optimizer die with this frame; the caller then empties the cache
+
+
+def interleaved_times(variants: list[str], shape: Shape, dtype: torch.dtype, warmup: int, steps: int) -> dict:
+    """CPU timing: every variant built in this process, stepping in turns (see shapes.time_interleaved).
+
+    Returns ``{variant: {"ms", "ms_spread"} or {"error"}}``.
+    """
+    device, steppers, results = torch.device("cpu"), {}, {}
+    for variant in variants:
+        try:
+            steppers[variant] = make_step(variant, shape, device, dtype)[0]
+        except Exception as exc:
+            results[variant] = {"error": shapes.error_text(exc)}
+    for variant, times in shapes.time_interleaved(steppers, device, warmup, steps).items():
+        if isinstance(times, str):
+            results[variant] = {"error": times}
+        else:
+            median, spread = shapes.summarise(times)
+            results[variant] = {"ms": median, "ms_spread": spread}
+    return results
 
 
 def measure_in_subprocess(variant: str, size: str, threads: int, warmup: int, steps: int) -> dict:
@@ -195,15 +224,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="tiny", choices=[*SIZES, "all-gpu"])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument(
-        "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS)
-    )
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3 GPU, 2 CPU)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 8 GPU, 20 CPU)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (tiny is specified at 2)")
-    parser.add_argument("--rounds", type=int, default=1, help="CPU: run every variant this many times, interleaved")
-    parser.add_argument("--no-checks", action="store_true", help="skip merge timing and the bf16 check")
+    parser.add_argument("--no-checks", action="store_true", help="skip the bf16 check, merge, layer, Lightning rows")
     parser.add_argument("--budget-s", type=float, default=None, help="skip what is left after this many seconds")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run the GPU code path (all-gpu plan, bf16, variants one after another in this process) on the "
+        "CPU at the tiny size with 1+2 steps: catches a broken GPU run before it costs device time",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
@@ -214,17 +246,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":
+    device = torch.device("cpu" if args.dry_run else args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    if not cuda:
         torch.set_num_threads(args.threads)
-    warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 2)
-    steps = args.steps or 10
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    warmup = args.warmup if args.warmup is not None else (1 if args.dry_run else 3 if cuda else 2)
+    steps = args.steps or (2 if args.dry_run else 8 if cuda else 20)
+    dtype = torch.bfloat16 if cuda or args.dry_run else torch.float32
 
     if args.worker:  # CPU subprocess: one variant, one JSON line
         print(json.dumps(measure(args.worker, SIZES[args.size], device, dtype, warmup, steps)), flush=True)
         return 0
-    if args.size == "all-gpu" and device.type != "cuda":
+    if args.size == "all-gpu" and not (cuda or args.dry_run):
         print("--size all-gpu needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
 
@@ -233,62 +266,101 @@ def main(argv: list[str] | None = None) -> int:
 
     log, start = Log(), time.perf_counter()
 
-    def over_budget() -> bool:
-        return args.budget_s is not None and time.perf_counter() - start > args.budget_s
+    def over_budget(what: str) -> bool:
+        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+            log(f"{what}: skipped, time budget of {args.budget_s:.0f} s spent")
+            return True
+        return False
 
-    sizes = ["1b", "8b"] if args.size == "all-gpu" else [args.size]
+    def progress(text: str) -> None:
+        log(f"  [{time.perf_counter() - start:6.1f}s] {text}")
+
+    all_gpu = args.size == "all-gpu"
+    sizes = ["tiny"] if args.dry_run else ["1b", "8b"] if all_gpu else [args.size]
     chosen = [v for v in RUN_ORDER if v in args.variants.split(",")]
+    sequential = cuda or args.dry_run  # the GPU path: one variant after another in this process
     log(f"# benchmarks/step.py {' '.join(sys.argv[1:])}")
     log(f"# {time.strftime('%Y-%m-%d %H:%M')} | {shapes.versions()} | threads {torch.get_num_threads()}")
+    if not cuda:
+        log(f"# load average before: {os.getloadavg()[0]:.2f} (other processes share these cores)")
     failed = False
 
-    # Correctness first: it is quick and it is the one result that can fail the run.
+    # Correctness first: quick, and the one result that fails the run.
     if not args.no_checks:
-        check_shape = SIZES["1b"].shrunk(2, 2, 512) if device.type == "cuda" else SIZES[sizes[0]].shrunk(2, 2, 64)
+        check_shape = SIZES["1b"].shrunk(2, 2, 512) if cuda else SIZES[sizes[0]].shrunk(2, 2, 64)
         ok, text = checks.bf16_check(check_shape, device)
         log(text)
         failed |= not ok
 
-    tables = []
+    rows: dict[str, list[dict]] = {size: [] for size in sizes}
+
+    def run_sequential(size: str, variant: str) -> None:
+        if over_budget(f"{size} {variant}"):
+            row = {"size": size, "variant": variant, "error": "skipped: time budget spent"}
+        else:
+            row = measure(variant, SIZES[size], device, dtype, warmup, steps)
+        log.record(row)
+        if "ms" in row:
+            shown = f"{row['ms']:.1f} ms, {row['peak_bytes'] / GIB:.2f} GiB"
+            shown += f" (build {row['build_s']:.0f} s, warm-up {row['warmup_s']:.0f} s)"
+        else:
+            shown = row["error"]
+        progress(f"{size} {variant}: {shown}")
+        rows[size].append(row)
+
+    # Every size's eager variants first, the compiled one (minutes of compiling) after the checks.
+    eager = [v for v in chosen if v != "lora_compile"]
     for size in sizes:
-        shape, rows = SIZES[size], []
-        rounds = args.rounds if device.type == "cpu" else 1
-        for round_index in range(rounds):
-            for variant in chosen:
-                if over_budget():
-                    row = {"size": size, "variant": variant, "error": "skipped: time budget spent"}
-                elif device.type == "cpu":
-                    row = measure_in_subprocess(variant, size, args.threads, warmup, steps)
-                else:
-                    row = measure(variant, shape, device, dtype, warmup, steps)
-                row["round"] = round_index
-                log.record(row)
-                shown = f"{row['ms']:.1f} ms, {row['peak_bytes'] / MIB:.0f} MiB" if "ms" in row else row["error"]
-                log(f"  [{time.perf_counter() - start:6.1f}s] {size} {variant}: {shown}")
-                rows.append(row)
-        tables.append(table(checks.combine_rounds(rows), shape, device, dtype))
-        log(tables[-1])
+        if sequential:
+            for variant in eager:
+                run_sequential(size, variant)
+        else:
+            rows[size] = cpu_rows(size, chosen, args.threads, warmup, steps, dtype, log, progress)
 
     if not args.no_checks:
-        merge_shape = SIZES["8b"] if args.size == "all-gpu" else SIZES[sizes[-1]]
-        if over_budget():
-            log("merge timing: skipped, time budget spent")
-        else:
+        merge_shape = SIZES["8b" if all_gpu and cuda else sizes[-1]]
+        if not over_budget("merge timing"):
             log(checks.merge_timing(merge_shape, device, dtype, repeats=3))
-        if over_budget():
-            log("layer timing: skipped, time budget spent")
-        else:
+        if not over_budget("layer timing"):
             log(checks.layer_timing(SIZES[sizes[-1]], device, dtype))
-        if over_budget():
-            log("Lightning overhead: skipped, time budget spent")
-        else:
-            log(lightning_row.lightning_overhead(SIZES[sizes[0]], device, dtype))
 
+    if sequential and "lora_compile" in chosen:
+        for size in sizes:
+            run_sequential(size, "lora_compile")
+
+    if not args.no_checks and not over_budget("Lightning overhead"):
+        steps_l = 2 if args.dry_run else 10
+        log(lightning_row.lightning_overhead(SIZES[sizes[0]], device, dtype, warmup=warmup, steps=steps_l))
+
+    log("\n# SUMMARY")
+    for size in sizes:
+        log(table(rows[size], SIZES[size], device, dtype))
+    if not cuda:
+        log(f"# load average after: {os.getloadavg()[0]:.2f}")
     log(f"# total wall {time.perf_counter() - start:.0f} s")
     if failed:
         log("bf16 check FAILED")
         return 1
     return 0
+
+
+def cpu_rows(size, chosen, threads, warmup, steps, dtype, log, progress) -> list[dict]:
+    """CPU: peak RSS from a short run per variant in its own process (RSS is per process); step
+    time from all variants in this process taking turns (see ``interleaved_times``)."""
+    progress(f"{size}: peak RSS, one subprocess per variant")
+    memory = {v: measure_in_subprocess(v, size, threads, warmup=1, steps=2) for v in chosen}
+    progress(f"{size}: timing {warmup}+{steps} steps, variants taking turns")
+    timing = interleaved_times(chosen, SIZES[size], dtype, warmup, steps)
+    rows = []
+    for variant in chosen:
+        row = {"size": size, "variant": variant, **timing[variant]}
+        if "error" in memory[variant]:
+            row.setdefault("error", memory[variant]["error"])
+        else:
+            row.update({k: memory[variant][k] for k in ("peak_bytes", "step_bytes", "trainable")})
+        rows.append(row)
+        log.record(row)
+    return rows
 
 
 if __name__ == "__main__":

@@ -300,7 +300,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, trainable: b
 
     flags = [(param, param.requires_grad) for param in model.parameters()]
     state = model.state_dict(keep_vars=True)
-    backups = {state[key]: state[key].detach().clone() for key in plan.state}  # values we overwrite
+    # Values we overwrite (biases, modules_to_save, a base embedding), kept on the CPU to spare device memory.
+    backups = {state[key]: state[key].detach().to("cpu", copy=True) for key in plan.state}
     try:
         inject_lora(model, config)
         layers = lora_layers(model)

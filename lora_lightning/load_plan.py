@@ -35,6 +35,7 @@ def outermost(names: Iterable[str]) -> list[str]:
 
 
 def saved_modules(root: nn.Module, config: LoRAConfig) -> list[str]:
+    """Full names of the outermost modules ``config.modules_to_save`` selects in ``root``."""
     return outermost(name for name, _ in _modules_to_save(root, config))
 
 
@@ -61,6 +62,8 @@ def choose_config(model: nn.Module, data: dict[str, Any], metadata: dict[str, st
 
 @dataclass
 class LoadPlan:
+    """Where each file tensor goes: LoRA factors by module, everything else by (pre-injection) state_dict key."""
+
     config: LoRAConfig
     lora: dict[tuple[str, str], Tensor] = field(default_factory=dict)  # (module, "A" / "B") -> tensor
     state: dict[str, Tensor] = field(default_factory=dict)  # model state_dict key -> tensor

@@ -1,5 +1,5 @@
-"""Adapters in and out, checked through the real libraries: PEFT loads ours, we load PEFT's, and
-transformers' Auto classes load the merged export."""
+"""Adapters in and out, checked through the real PEFT: it loads ours with our logits, we load its
+adapters with its logits; plus our own round trip and adapter-only state."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from torch import nn
 
-from lora_lightning import LoRAConfig, LoRAEmbedding, LoRALinear, inject_lora, merge_and_unload
-from lora_lightning.adapters import adapter_state_dict, export_merged, load_adapter, save_adapter
+from lora_lightning import LoRAConfig, inject_lora
+from lora_lightning.adapters import adapter_state_dict, load_adapter, save_adapter
 from lora_lightning.inject import lora_layers
-from tests.models import VOCAB, output_of, tiny_gpt2, tiny_llama, token_ids
+from tests.models import output_of, tiny_gpt2, tiny_llama, token_ids
 from tests.test_inject import _randomise_B
 
 ATOL = 1e-5
@@ -66,6 +66,8 @@ OURS = {
         ),
     ),
     "gpt2": (tiny_gpt2, {}, LoRAConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc", "wte"], bias="lora_only")),
+    # 21 full names: PEFT compresses lists of 20 or more to suffixes on load; layer 2 must stay plain.
+    "llama-many-targets": (tiny_llama, {"layers": 4}, LoRAConfig(r=2, layers_to_transform=[0, 1, 3])),
 }
 
 
@@ -235,6 +237,34 @@ def test_raw_peft_state_dict_with_adapter_name_loads(prefix, tmp_path):
     torch.testing.assert_close(_logits(model), _logits(peft_model), rtol=0, atol=ATOL)
 
 
+def test_sequence_classification_head_both_ways(tmp_path):
+    """PEFT's SEQ_CLS adds ["classifier", "score"] to modules_to_save; a Llama classifier has only score."""
+    from transformers import LlamaForSequenceClassification
+
+    config = tiny_llama().config
+    config.num_labels, config.pad_token_id = 3, 0
+    torch.manual_seed(0)
+    base = LlamaForSequenceClassification(config).eval()
+    ids, labels = token_ids(), torch.tensor([0, 2])
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj"], task_type="SEQ_CLS"))
+    assert sorted(peft_model.peft_config["default"].modules_to_save) == ["classifier", "score"]
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        peft_model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    peft_model.eval().save_pretrained(tmp_path / "peft")
+    model = copy.deepcopy(base)
+    report = load_adapter(model, tmp_path / "peft")
+    assert report.modules_to_save == ["score"]
+    torch.testing.assert_close(_logits(model), _logits(peft_model), rtol=0, atol=ATOL)
+    # and back: our save says SEQ_CLS (the head is saved), so PEFT wraps and loads the same head
+    save_adapter(model, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / CONFIG).read_text())["task_type"] == "SEQ_CLS"
+    again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    torch.testing.assert_close(_logits(again), _logits(peft_model), rtol=0, atol=ATOL)
+
+
 def test_peft_fp32_factors_on_bf16_base_stay_fp32(tmp_path):
     base = tiny_llama().to(torch.bfloat16)
     peft_model = _peft_trained(base, {"r": 4, "target_modules": ["q_proj", "v_proj"]}, tmp_path / "peft")
@@ -306,360 +336,3 @@ def test_adapter_state_dict_holds_exactly_what_trains(tmp_path):
     save_adapter(wrapper, tmp_path / "a")
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a").eval()
     torch.testing.assert_close(_logits(peft_model), _logits(wrapper.model), rtol=0, atol=ATOL)
-
-
-# -- merged export ------------------------------------------------------------------------------------
-
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "LoRA adds a low rank update to a frozen weight matrix.",
-    "A merged model is an ordinary checkpoint that plain transformers loads.",
-    "Adapters are small, so they are cheap to store and to share.",
-]
-
-
-def _tokenizer():
-    """A real byte-level BPE tokenizer, trained offline on a few sentences, with at most VOCAB ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(SENTENCES, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"]))
-    assert tokenizer.get_vocab_size() <= VOCAB
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
-
-
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_export_merged_loads_with_auto_classes(family, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    base = {"llama": tiny_llama, "gpt2": tiny_gpt2}[family]()
-    targets = {"llama": ["q_proj", "v_proj", "gate_proj", "embed_tokens"], "gpt2": ["c_attn", "c_fc", "wte"]}[family]
-    model = _adapted(base, LoRAConfig(r=4, alpha=8, target_modules=targets))
-    tokenizer = _tokenizer()
-    ids = torch.tensor([tokenizer(SENTENCES[1])["input_ids"]])
-    expected = _logits(model, ids)
-
-    directory = export_merged(model, tmp_path / "merged", tokenizer)
-    loaded = AutoModelForCausalLM.from_pretrained(directory).eval()
-    reloaded_tokenizer = AutoTokenizer.from_pretrained(directory)
-    assert reloaded_tokenizer(SENTENCES[1])["input_ids"] == ids[0].tolist()
-    assert type(loaded) is type(base) and not lora_layers(loaded)
-    torch.testing.assert_close(_logits(loaded, ids), expected, rtol=0, atol=ATOL)
-    assert not torch.allclose(_logits(base, ids), expected, atol=1e-3)
-    keys = safetensors.torch.load_file(directory / "model.safetensors")
-    assert not [k for k in keys if "lora_" in k or "base_layer" in k]
-    # a copy was merged: the model keeps its adapters and its outputs
-    assert len(lora_layers(model)) > 0 and torch.equal(_logits(model, ids), expected)
-
-
-def test_export_merged_in_place_leaves_a_plain_model(tmp_path):
-    model = _adapted(tiny_llama(), LoRAConfig(r=4, target_modules=["q_proj", "down_proj"]))
-    expected = _logits(model)
-    export_merged(model, tmp_path / "m", in_place=True)
-    assert not lora_layers(model) and not any(isinstance(m, (LoRALinear, LoRAEmbedding)) for m in model.modules())
-    torch.testing.assert_close(_logits(model), expected, rtol=0, atol=ATOL)
-
-
-class TinyNet(nn.Module):
-    """Not a transformers model: an embedding, an MLP, and a head tied to the embedding."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(32, 16)
-        self.mlp = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 16))
-        self.head = nn.Linear(16, 32, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.mlp(self.embed(ids)))
-
-
-def test_export_merged_plain_module_loads_strict_into_a_fresh_one(tmp_path):
-    torch.manual_seed(0)
-    base = TinyNet()
-    model = _adapted(base, LoRAConfig(r=4, target_modules=["mlp.0", "mlp.2"]))
-    ids = torch.randint(0, 32, (3, 5))
-    with torch.no_grad():
-        expected = model(ids)
-    directory = export_merged(model, tmp_path / "merged")
-    assert sorted(p.name for p in directory.iterdir()) == ["model.safetensors"]
-    fresh = TinyNet()
-    fresh.load_state_dict(safetensors.torch.load_file(directory / "model.safetensors"), strict=True)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(ids), expected, rtol=0, atol=ATOL)
-        assert not torch.allclose(base(ids), expected, atol=1e-3)
-
-
-# -- errors: named, raised before anything changes ----------------------------------------------------
-
-
-def _snapshot(model: nn.Module) -> tuple:
-    return (
-        {name: type(module) for name, module in model.named_modules()},
-        {name: param.requires_grad for name, param in model.named_parameters()},
-        {key: value.clone() for key, value in model.state_dict().items()},
-    )
-
-
-def _assert_unchanged(model: nn.Module, snapshot: tuple) -> None:
-    types, flags, state = snapshot
-    assert {name: type(module) for name, module in model.named_modules()} == types
-    assert {name: param.requires_grad for name, param in model.named_parameters()} == flags
-    now = model.state_dict()
-    assert set(now) == set(state) and all(torch.equal(now[k], v) for k, v in state.items())
-    assert not lora_layers(model) and "_lora_config" not in vars(model)
-
-
-LAYER0_Q = "base_model.model.model.layers.0.self_attn.q_proj"
-
-
-@pytest.fixture
-def saved(tmp_path):
-    """A base model with some frozen parameters (so restored flags are visible) and an adapter for it."""
-    base = tiny_llama(attention_bias=True)
-    config = LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], bias="lora_only", modules_to_save=["lm_head"])
-    save_adapter(_adapted(base, config), tmp_path / "a")
-    base.model.embed_tokens.weight.requires_grad_(False)
-    return base, tmp_path / "a"
-
-
-def _edit_tensors(directory: Path, edit) -> None:
-    tensors = safetensors.torch.load_file(directory / WEIGHTS)
-    edit(tensors)
-    safetensors.torch.save_file(tensors, directory / WEIGHTS)
-
-
-def _edit_config(directory: Path, **fields) -> None:
-    data = json.loads((directory / CONFIG).read_text()) | fields
-    (directory / CONFIG).write_text(json.dumps(data))
-
-
-def _bad_shape(t):
-    t[f"{LAYER0_Q}.lora_A.weight"] = torch.zeros(4, 63)
-
-
-def _bad_rank(t):
-    t[f"{LAYER0_Q}.lora_A.weight"], t[f"{LAYER0_Q}.lora_B.weight"] = torch.zeros(2, 64), torch.zeros(64, 2)
-
-
-TENSOR_ERRORS = {
-    "missing": (lambda t: t.pop(f"{LAYER0_Q}.lora_B.weight"), r"missing key .*layers\.0\.self_attn\.q_proj\.lora_B"),
-    "missing-bias": (lambda t: t.pop(f"{LAYER0_Q}.base_layer.bias"), r"missing key .*q_proj\.base_layer\.bias"),
-    "missing-saved-module": (lambda t: t.pop("base_model.model.lm_head.weight"), r"missing key .*lm_head\.weight"),
-    "unexpected-module": (
-        lambda t: t.update({"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(4, 64)}),
-        r"unexpected key .*up_proj.* is not adapted",
-    ),
-    "unexpected-tensor": (
-        lambda t: t.update({"base_model.model.model.norm.weight": torch.ones(64)}),
-        r"unexpected key .*model\.norm\.weight.* not trained by this adapter",
-    ),
-    "unknown-name": (
-        lambda t: t.update({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": torch.zeros(4, 64)}),
-        r"transformer\.h\.0\.attn\.c_attn",
-    ),
-    "shape": (_bad_shape, r"shape mismatch at .*q_proj\.lora_A.*\(4, 63\)"),
-    "rank": (_bad_rank, r"rank mismatch at .*layers\.0\.self_attn\.q_proj\.lora_A.* rank 2.* r=4"),
-    "embedding-form-on-linear": (
-        lambda t: t.update({f"{LAYER0_Q}.lora_embedding_A": t.pop(f"{LAYER0_Q}.lora_A.weight")}),
-        r"q_proj.* is a linear module",
-    ),
-    "two-adapters": (
-        lambda t: t.update(
-            {
-                f"{LAYER0_Q}.lora_A.default.weight": t.pop(f"{LAYER0_Q}.lora_A.weight"),
-                f"{LAYER0_Q}.lora_B.other.weight": t.pop(f"{LAYER0_Q}.lora_B.weight"),
-            }
-        ),
-        r"several adapters \['default', 'other'\]",
-    ),
-    "duplicates-disagree": (
-        lambda t: t.update({f"{LAYER0_Q}.lora_A.default.weight": t[f"{LAYER0_Q}.lora_A.weight"] + 1}),
-        r"disagrees with another key",
-    ),
-}
-
-
-@pytest.mark.parametrize("case", list(TENSOR_ERRORS))
-def test_mismatched_tensors_fail_naming_the_key_and_leave_the_model_as_it_was(case, saved):
-    base, directory = saved
-    edit, message = TENSOR_ERRORS[case]
-    _edit_tensors(directory, edit)
-    before = _snapshot(base)
-    with pytest.raises(ValueError, match=message):
-        load_adapter(base, directory)
-    _assert_unchanged(base, before)
-
-
-def test_all_problems_are_reported_at_once(saved):
-    base, directory = saved
-    _edit_tensors(directory, lambda t: (t.pop(f"{LAYER0_Q}.lora_B.weight"), _bad_shape(t)))
-    with pytest.raises(ValueError, match=r"(?s)shape mismatch.*missing key"):
-        load_adapter(base, directory)
-
-
-CONFIG_ERRORS = {
-    "absent-target": ({"target_modules": ["model.layers.0.self_attn.q_prj"]}, r"q_prj.*matched no module"),
-    "rank-pattern": ({"rank_pattern": {"model.layers.1.self_attn.v_proj": 8}}, r"rank mismatch at .*layers\.1.*v_proj"),
-    "peft-type": ({"peft_type": "PREFIX_TUNING"}, r"peft_type must be 'LORA', got 'PREFIX_TUNING'"),
-    "pissa": ({"init_lora_weights": "pissa"}, r"init_lora_weights='pissa' is not supported"),
-    "dora": ({"use_dora": True}, r"use_dora=True is not supported"),
-    "layer-replication": ({"layer_replication": [[0, 2]]}, r"layer_replication=\[\[0, 2\]\] is not supported"),
-    "target-parameters": ({"target_parameters": ["mlp.experts"]}, r"target_parameters=\['mlp.experts'\]"),
-    "lora-bias": ({"lora_bias": True}, r"lora_bias=True is not supported"),
-    "trainable-tokens": ({"trainable_token_indices": [1, 2]}, r"trainable_token_indices=\[1, 2\]"),
-    "unknown-field": ({"use_future_trick": "yes"}, r"unknown field use_future_trick='yes'"),
-    "bad-value": ({"r": 0}, r"r must be a positive integer, got 0"),
-    "null-targets": ({"target_modules": None}, r"target_modules is null"),
-}
-
-
-@pytest.mark.parametrize("case", list(CONFIG_ERRORS))
-def test_bad_or_unsupported_configs_fail_naming_the_field(case, saved):
-    base, directory = saved
-    fields, message = CONFIG_ERRORS[case]
-    _edit_config(directory, **fields)
-    before = _snapshot(base)
-    with pytest.raises(ValueError, match=message):
-        load_adapter(base, directory)
-    _assert_unchanged(base, before)
-
-
-def test_harmless_fields_are_ignored(saved):
-    base, directory = saved
-    _edit_config(directory, megatron_core="x", inference_mode=False, qalora_group_size=64, future_flag=None)
-    load_adapter(base, directory)
-    assert lora_layers(base)
-
-
-def test_damaged_files_fail_naming_the_file(saved, tmp_path):
-    base, directory = saved
-    before = _snapshot(base)
-    data = (directory / WEIGHTS).read_bytes()
-    for damaged in (data[: len(data) // 2], b"\x00" * 64, b"not safetensors at all"):
-        (directory / WEIGHTS).write_bytes(damaged)
-        with pytest.raises(ValueError, match=r"adapter_model\.safetensors.* is not a valid safetensors file"):
-            load_adapter(base, directory)
-    (directory / CONFIG).write_text("{not json")
-    with pytest.raises(ValueError, match=r"adapter_config\.json.* is not valid JSON"):
-        load_adapter(base, directory)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_adapter(base, tmp_path / "nowhere")
-    (directory / CONFIG).unlink()
-    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
-        load_adapter(base, directory)
-    _assert_unchanged(base, before)
-
-
-def test_pickle_adapters_are_refused_without_being_read(saved, monkeypatch):
-    base, directory = saved
-    (directory / WEIGHTS).rename(directory / "adapter_model.bin")
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("an adapter file was unpickled")
-
-    monkeypatch.setattr(torch, "load", forbidden)
-    monkeypatch.setattr("pickle.load", forbidden)
-    with pytest.raises(ValueError, match=r"adapter_model\.bin.*pickle"):
-        load_adapter(base, directory)
-
-
-def test_loading_onto_adapters_is_refused(saved):
-    base, directory = saved
-    load_adapter(base, directory)
-    with pytest.raises(ValueError, match="already carries LoRA adapters"):
-        load_adapter(base, directory)
-
-
-def test_failure_after_injection_rolls_the_model_back(saved, monkeypatch):
-    base, directory = saved
-    before = _snapshot(base)
-    import lora_lightning.adapters as adapters
-
-    def inject_then_fail(model, config):
-        inject_lora(model, config)  # the model now carries adapters and is frozen
-        raise RuntimeError("device lost")
-
-    monkeypatch.setattr(adapters, "inject_lora", inject_then_fail)
-    with pytest.raises(RuntimeError, match="device lost"):
-        load_adapter(base, directory, trainable=True)
-    _assert_unchanged(base, before)
-
-
-def test_merging_a_tied_embedding_leaves_the_head_alone():
-    """GPT-2's lm_head *is* wte: merging wte's delta into the shared tensor would change the head too."""
-    model = _adapted(tiny_gpt2(), LoRAConfig(r=4, target_modules=["wte"]))
-    assert model.lm_head.weight is model.transformer.wte.base_layer.weight
-    expected = _logits(model)
-    merged = merge_and_unload(model)
-    assert merged.lm_head.weight is not merged.transformer.wte.weight
-    assert merged.config.tie_word_embeddings is False  # so from_pretrained does not tie them again
-    torch.testing.assert_close(_logits(merged), expected, rtol=0, atol=ATOL)
-
-
-def test_save_errors(tmp_path):
-    with pytest.raises(ValueError, match="carries no LoRA adapters"):
-        save_adapter(tiny_llama(), tmp_path / "a")
-    (tmp_path / "file").write_text("x")
-    model = _adapted(tiny_llama(), LoRAConfig(r=2, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="exists and is not a directory"):
-        save_adapter(model, tmp_path / "file")
-    with pytest.raises(ValueError, match="exists and is not a directory"):
-        export_merged(model, tmp_path / "file")
-    with pytest.raises(TypeError, match="tokenizer must have a save_pretrained"):
-        export_merged(model, tmp_path / "m", tokenizer="gpt2")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
-
-
-# -- atomic writes --------------------------------------------------------------------------------------
-
-
-def _files(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
-
-
-def _crash_after_partial_write(path, *args, **kwargs):
-    Path(path).write_bytes(b"half a file")
-    raise OSError("disk full")
-
-
-@pytest.mark.parametrize("existing", [True, False])
-def test_crash_mid_save_leaves_no_half_adapter(existing, tmp_path, monkeypatch):
-    target = tmp_path / "adapter"
-    if existing:
-        save_adapter(_adapted(tiny_llama(), LoRAConfig(r=2, target_modules=["q_proj"])), target)
-        previous = _files(target)
-    model = _adapted(tiny_llama(seed=1), LoRAConfig(r=4, target_modules=["v_proj"]))
-    monkeypatch.setattr(
-        safetensors.torch, "save_file", lambda tensors, path, metadata=None: _crash_after_partial_write(path)
-    )
-    with pytest.raises(OSError, match="disk full"):
-        save_adapter(model, target)
-    assert [p.name for p in tmp_path.iterdir()] == (["adapter"] if existing else [])
-    if existing:
-        assert _files(target) == previous
-        monkeypatch.undo()
-        save_adapter(model, target)  # and a later save replaces it whole
-        assert json.loads((target / CONFIG).read_text())["target_modules"][0].endswith("v_proj")
-
-
-def test_crash_mid_export_leaves_the_previous_export(tmp_path, monkeypatch):
-    model = _adapted(tiny_llama(), LoRAConfig(r=2, target_modules=["q_proj"]))
-    tokenizer = _tokenizer()
-    target = export_merged(model, tmp_path / "merged", tokenizer)
-    previous = _files(target)
-    monkeypatch.setattr(tokenizer, "save_pretrained", lambda path: _crash_after_partial_write(Path(path) / "x"))
-    with pytest.raises(OSError, match="disk full"):
-        export_merged(_adapted(tiny_llama(seed=2), LoRAConfig(r=2, target_modules=["v_proj"])), target, tokenizer)
-    assert [p.name for p in tmp_path.iterdir()] == ["merged"] and _files(target) == previous
-
-    plain = _adapted(TinyNet(), LoRAConfig(r=2, target_modules=["mlp.0"]))
-    monkeypatch.setattr(
-        safetensors.torch, "save_file", lambda tensors, path, metadata=None: _crash_after_partial_write(path)
-    )
-    with pytest.raises(OSError, match="disk full"):
-        export_merged(plain, target)
-    assert [p.name for p in tmp_path.iterdir()] == ["merged"] and _files(target) == previous

@@ -348,7 +348,7 @@ def export_merged(
         directory: destination directory.
         tokenizer: anything with ``save_pretrained(directory)``, or None.
         in_place: merge and unload ``model`` itself instead of a deep copy (saves the memory of
-            the copy; the model is left plain and merged).
+            the copy; the model is left plain and merged). A model without adapters is never copied.
 
     Returns:
         The directory.
@@ -357,7 +357,8 @@ def export_merged(
     _check_destination(target)
     if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
         raise TypeError(f"tokenizer must have a save_pretrained(directory) method, got {type(tokenizer).__name__}")
-    merged = merge_and_unload(model if in_place else copy.deepcopy(model))
+    # A model without LoRA layers (merged and unloaded already) is written as it is: no copy needed.
+    merged = merge_and_unload(model if in_place or not lora_layers(model) else copy.deepcopy(model))
     with _atomic_directory(target) as tmp:
         if _is_pretrained_model(merged):
             merged.save_pretrained(tmp)

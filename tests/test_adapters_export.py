@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -64,12 +65,24 @@ def test_export_merged_loads_with_auto_classes(family, tmp_path):
     assert len(lora_layers(model)) > 0 and torch.equal(_logits(model, ids), expected)
 
 
-def test_export_merged_in_place_leaves_a_plain_model(tmp_path):
+def test_export_merged_in_place_leaves_a_plain_model(tmp_path, monkeypatch):
     model = _adapted(tiny_llama(), LoRAConfig(r=4, target_modules=["q_proj", "down_proj"]))
     expected = _logits(model)
     export_merged(model, tmp_path / "m", in_place=True)
     assert not lora_layers(model) and not any(isinstance(m, (LoRALinear, LoRAEmbedding)) for m in model.modules())
     torch.testing.assert_close(_logits(model), expected, rtol=0, atol=ATOL)
+    # exporting an already plain model (the callback merges first) makes no copy of it
+    import lora_lightning.adapters as adapters
+
+    real_deepcopy = copy.deepcopy
+
+    def deepcopy(obj, *args, **kwargs):
+        assert not isinstance(obj, nn.Module), "a plain model was copied"
+        return real_deepcopy(obj, *args, **kwargs)
+
+    monkeypatch.setattr(adapters.copy, "deepcopy", deepcopy)
+    export_merged(model, tmp_path / "again")
+    assert _files(tmp_path / "again") == _files(tmp_path / "m")
 
 
 class TinyNet(nn.Module):

@@ -45,9 +45,10 @@ def base_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[
     return {name: _entry(t) for name, t in named_tensors if not t.is_meta}
 
 
-def frozen_base_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """The parameters of ``model`` that do not train, by ``state_dict``-style name."""
-    return [(name, p) for name, p in model.named_parameters() if not p.requires_grad]
+def base_tensors(model: nn.Module, adapter_keys: Iterable[str]) -> list[tuple[str, torch.Tensor]]:
+    """The parameters of ``model`` that are not part of the adapter, by ``state_dict``-style name."""
+    adapter = set(adapter_keys)
+    return [(name, p) for name, p in model.named_parameters() if name not in adapter]
 
 
 def _eps(dtype: str) -> float:

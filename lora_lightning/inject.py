@@ -124,12 +124,25 @@ def _candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _output_head_names(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> set[str]:
-    """Names "all-linear" must skip: the HF output embedding and conventional top-level heads."""
-    names = {name for name, _ in candidates if name.split(".")[0] in HEAD_NAMES}
-    get_output = getattr(model, "get_output_embeddings", None)
-    head = get_output() if callable(get_output) else None
-    if head is not None:
-        names |= {name for name, module in candidates if module is head}
+    """Names "all-linear" must skip: output embeddings of every HF model inside ``model`` (it may be
+    wrapped, e.g. by a LightningModule), and conventional head names (``lm_head``, ``classifier``,
+    ...) directly under the root or under an HF model."""
+    heads: set[int] = set()
+    containers = {id(model)}
+    for _, module in [("", model), *candidates]:
+        get_output = getattr(module, "get_output_embeddings", None)
+        if callable(get_output) and not is_lora_layer(module):
+            containers.add(id(module))
+            head = get_output()
+            if isinstance(head, nn.Module):
+                heads.add(id(head))
+    by_name = dict(candidates)
+    names = set()
+    for name, module in candidates:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = by_name.get(parent_name, model) if parent_name else model
+        if id(module) in heads or (leaf in HEAD_NAMES and id(parent) in containers):
+            names.add(name)
     return names
 
 

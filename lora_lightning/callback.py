@@ -1,0 +1,414 @@
+"""LoRACallback: add LoRA to an existing LightningModule and Trainer, and nothing else changes.
+
+Glue only; the work is done by the core:
+
+* ``setup``: inject (idempotent) and freeze; wrap the module's ``configure_optimizers`` so only
+  trainable parameters reach the optimizer; wrap ``configure_model`` for modules that build their
+  network there; set ``strict_loading = False`` so adapter-only checkpoints load.
+* checkpoints: the module's ``on_save_checkpoint`` (the one hook Lightning calls also for
+  ``save_weights_only=True``) drops the frozen base weights and records config + base fingerprint;
+  its ``on_load_checkpoint`` refuses a checkpoint made for another rank, targets or base.
+* ``on_fit_start``: print the adapted-module table, log config and counts to every logger.
+* fit end (``on_train_end`` under FSDP, where full parameters are still reachable): export the
+  adapter, merge, export the merged model; rank zero writes, the others wait.
+
+After a merge the callback remembers the final adapters (they are small). If a later call needs
+adapters again (a second ``fit``, or ``validate/test(ckpt_path=...)``), it re-injects them and
+unmerges, which restores the base weights the checkpoints were trained on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+
+from lora_lightning.adapters import adapter_state_dict, export_merged, save_adapter
+from lora_lightning.checkpoint import (
+    base_fingerprint,
+    base_tensors,
+    checkpoint_metadata,
+    compare_fingerprints,
+    config_differences,
+)
+from lora_lightning.config import LoRAConfig
+from lora_lightning.inject import LoRAReport, inject_lora, lora_layers
+from lora_lightning.merge import merge_and_unload, merge_lora
+from lora_lightning.optim import find_optimizers_and_schedulers, restrict_optimizer
+
+CHECKPOINT_KEY = "lora_lightning"
+_WRAPPED = "_lora_lightning_wrapped"
+
+
+def default_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW at lr 2e-4, no weight decay: the usual LoRA starting point."""
+    return torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+
+
+class LoRACallback(pl.Callback):
+    """Inject LoRA adapters at setup, train only them, checkpoint only them, merge at fit end.
+
+    Args:
+        config: the LoRA config; or give its fields as keyword arguments (``r=16, alpha=32, ...``).
+        module: dotted path of the submodule to adapt (e.g. ``"model"``); None adapts the whole
+            LightningModule.
+        merge_on_fit_end: merge adapters into the weights and put plain layers back at fit end.
+        export_dir: if set, write ``export_dir/adapter`` (PEFT format) and ``export_dir/merged``
+            (merged model, plus tokenizer) at fit end.
+        lr_ratio_B: LoRA+: B's learning rate is this times A's (separate param groups).
+        optimizer: factory ``params -> Optimizer`` used when ``configure_optimizers`` returns None.
+        tokenizer: saved with the merged model; defaults to ``pl_module.tokenizer`` if present.
+        base_model_name_or_path: recorded in the exported adapter's config.
+        **config_fields: LoRAConfig fields, when ``config`` is not given.
+    """
+
+    def __init__(
+        self,
+        config: LoRAConfig | None = None,
+        *,
+        module: str | None = None,
+        merge_on_fit_end: bool = True,
+        export_dir: str | os.PathLike | None = None,
+        lr_ratio_B: float = 1.0,
+        optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+        tokenizer: Any | None = None,
+        base_model_name_or_path: str | None = None,
+        **config_fields: Any,
+    ) -> None:
+        if config is not None and config_fields:
+            raise TypeError(
+                f"give either config or LoRAConfig fields, not both (got config and {sorted(config_fields)})"
+            )
+        if config is not None and not isinstance(config, LoRAConfig):
+            raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+        if isinstance(lr_ratio_B, bool) or not isinstance(lr_ratio_B, (int, float)) or not lr_ratio_B > 0:
+            raise ValueError(f"lr_ratio_B must be a positive number, got {lr_ratio_B!r}")
+        if module is not None and (not isinstance(module, str) or not module):
+            raise ValueError(f"module must be a dotted submodule path such as 'model', or None, got {module!r}")
+        self.config = config if config is not None else LoRAConfig(**config_fields)
+        self.module = module
+        self.merge_on_fit_end = merge_on_fit_end
+        self.export_dir = Path(export_dir) if export_dir is not None else None
+        self.lr_ratio_B = float(lr_ratio_B)
+        self.optimizer_factory = optimizer or default_optimizer
+        self.tokenizer = tokenizer
+        self.base_model_name_or_path = base_model_name_or_path
+
+        self.report: LoRAReport | None = None
+        self.export_paths: dict[str, Path] = {}
+        self._fingerprint: dict[str, Any] | None = None
+        self._frozen_keys: set[str] = set()  # LightningModule state_dict keys left out of checkpoints
+        self._adapter_keys: list[str] = []  # LightningModule state_dict keys a checkpoint must hold
+        self._own_adapter_keys: set[str] = set()  # the same, relative to the adapted submodule
+        self._merged_adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._restored_by_unmerge: set[str] = set()  # fingerprint names restored by our own unmerge
+        self._readapted_stage: str | None = None
+        self._input_grads_enabled: list[nn.Module] = []
+        self._done_at_train_end = False
+        self._stage = "fit"
+
+    @property
+    def state_key(self) -> str:
+        return "LoRACallback"
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _target(self, pl_module: pl.LightningModule) -> nn.Module:
+        if self.module is None:
+            return pl_module
+        try:
+            return pl_module.get_submodule(self.module)
+        except AttributeError:
+            children = ", ".join(name for name, _ in pl_module.named_children()) or "(none)"
+            raise ValueError(
+                f"LoRACallback(module={self.module!r}): the LightningModule has no such submodule; "
+                f"its children are: {children}"
+            ) from None
+
+    def _prefix(self) -> str:
+        return f"{self.module}." if self.module else ""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stage = stage
+        pl_module.strict_loading = False
+        self._install_wrappers(pl_module)
+        if is_overridden("configure_model", pl_module):
+            return  # the wrapped configure_model injects once the network exists
+        self._prepare(pl_module, stage)
+
+    def _prepare(self, pl_module: pl.LightningModule, stage: str) -> None:
+        target = self._target(pl_module)
+        if self._merged_adapters is not None and not lora_layers(target):
+            if stage != "fit":
+                return  # evaluate the merged model as it is; a checkpoint load re-adapts it
+            self._readapt(target, stage)
+        self.report = inject_lora(target, self.config)
+        prefix = self._prefix()
+        # What belongs to the adapter (factors, trained biases, modules_to_save; lora_A too under
+        # LoRA-FA, where it is frozen but still part of the adapter) is what checkpoints keep;
+        # everything else in the target is the base the fingerprint describes.
+        self._own_adapter_keys = set(adapter_state_dict(target))
+        if self._fingerprint is None:
+            self._fingerprint = base_fingerprint(base_tensors(target, self._own_adapter_keys))
+        self._adapter_keys = sorted(prefix + key for key in self._own_adapter_keys)
+        self._frozen_keys = {prefix + key for key in target.state_dict() if key not in self._own_adapter_keys}
+
+    def _readapt(self, target: nn.Module, stage: str) -> None:
+        """Re-inject the adapters merged at fit end and unmerge them: the base weights come back."""
+        if self._merged_adapters is None:
+            return
+        inject_lora(target, self.config)
+        layers = lora_layers(target)
+        with torch.no_grad():
+            for name, (lora_A, lora_B) in self._merged_adapters.items():
+                layer = layers[name]
+                layer.lora_A.copy_(lora_A)
+                layer.lora_B.copy_(lora_B)
+                layer.merged = True
+                layer.unmerge()
+        self._restored_by_unmerge = {n for n, _ in target.named_parameters() if ".base_layer." in f".{n}"}
+        self._merged_adapters = None
+        self._readapted_stage = stage
+
+    def _install_wrappers(self, pl_module: pl.LightningModule) -> None:
+        if getattr(pl_module, _WRAPPED, None) is self:
+            return
+        had_configure_optimizers = is_overridden("configure_optimizers", pl_module)
+        original_configure_optimizers = pl_module.configure_optimizers
+        original_save = pl_module.on_save_checkpoint
+        original_load = pl_module.on_load_checkpoint
+
+        def configure_optimizers() -> Any:
+            result = original_configure_optimizers() if had_configure_optimizers else None
+            return self._restrict_optimizers(pl_module, result)
+
+        def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
+            original_save(checkpoint)
+            self._filter_checkpoint(checkpoint)
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            original_load(checkpoint)
+            self._check_checkpoint(pl_module, checkpoint)
+
+        # Plain functions (no functools.wraps: Lightning's is_overridden follows __wrapped__).
+        pl_module.configure_optimizers = configure_optimizers
+        pl_module.on_save_checkpoint = on_save_checkpoint
+        pl_module.on_load_checkpoint = on_load_checkpoint
+        if is_overridden("configure_model", pl_module):
+            original_configure_model = pl_module.configure_model
+
+            def configure_model() -> None:
+                original_configure_model()
+                self._prepare(pl_module, self._stage)
+
+            pl_module.configure_model = configure_model
+        object.__setattr__(pl_module, _WRAPPED, self)
+
+    # -- optimizer -----------------------------------------------------------------------------
+
+    def _restrict_optimizers(self, pl_module: pl.LightningModule, result: Any) -> Any:
+        trainable = [p for p in pl_module.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError(
+                "LoRACallback: no parameter of the LightningModule is trainable after injection; "
+                "check target_modules and that the module's own parameters are not all frozen"
+            )
+        lora_B = [layer.lora_B for layer in lora_layers(self._target(pl_module)).values()]
+        if result is None:
+            result = self.optimizer_factory(trainable)
+        optimizers, schedulers = find_optimizers_and_schedulers(result)
+        kept = [restrict_optimizer(opt, trainable, schedulers, lora_B, self.lr_ratio_B) for opt in optimizers]
+        if optimizers and not any(kept):
+            raise ValueError(
+                "LoRACallback: configure_optimizers returned optimizers over frozen parameters only; "
+                f"none of the {len(trainable)} trainable (adapter) parameters is in them"
+            )
+        return result
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _metadata(self) -> dict[str, Any]:
+        return checkpoint_metadata(self.config, self._fingerprint or {}, self._adapter_keys)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._metadata() if self._fingerprint is not None else {}
+
+    def _filter_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        if state is not None and self._frozen_keys:
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in self._frozen_keys}
+        checkpoint[CHECKPOINT_KEY] = self._metadata()
+
+    def _check_checkpoint(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get(CHECKPOINT_KEY)
+        if meta is None:
+            raise ValueError(
+                "LoRACallback: this checkpoint was not written with LoRACallback (it has no "
+                f"'{CHECKPOINT_KEY}' record), so its adapters cannot be checked against this model; refusing to load"
+            )
+        target = self._target(pl_module)
+        if not lora_layers(target):  # merged at fit end: bring the base back before loading adapters
+            self._readapt(target, self._stage)
+            self._prepare(pl_module, "fit")
+        differences = config_differences(meta["config"], self.config)
+        if differences:
+            raise ValueError(
+                "LoRACallback: the checkpoint's adapters were trained with a different LoRA config: "
+                + "; ".join(differences)
+            )
+        current = base_fingerprint(base_tensors(target, self._own_adapter_keys))
+        problems = compare_fingerprints(meta["fingerprint"], current, self._restored_by_unmerge)
+        if problems:
+            raise ValueError(
+                "LoRACallback: the checkpoint's adapters were trained on a different base model: "
+                + "; ".join(problems[:3])
+                + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+            )
+        missing = [k for k in self._adapter_keys if k not in checkpoint.get("state_dict", {})]
+        if missing:
+            raise ValueError(
+                f"LoRACallback: the checkpoint lacks {len(missing)} adapter tensor(s) this model needs, "
+                f"e.g. {missing[:3]}; refusing to load a partial adapter"
+            )
+
+    # -- fit start: report and logging ---------------------------------------------------------
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._enable_input_grads_for_checkpointing(self._target(pl_module))
+        if self.report is None:
+            return
+        if trainer.is_global_zero:
+            _print_report(self.report)
+        params, config = self.report.params, self.config
+        hparams = {
+            "lora/r": config.r,
+            "lora/alpha": config.alpha,
+            "lora/dropout": config.dropout,
+            "lora/use_rslora": config.use_rslora,
+            "lora/bias": config.bias,
+            "lora/targets": str(config.target_modules),
+            "lora/adapted_modules": len(self.report.modules),
+            "lora/lr_ratio_B": self.lr_ratio_B,
+            "lora/freeze_A": config.freeze_A,
+        }
+        metrics = {
+            "lora/trainable_params": float(params.trainable),
+            "lora/total_params": float(params.total),
+            "lora/trainable_percent": params.trainable_percent,
+        }
+        for logger in trainer.loggers:
+            logger.log_hyperparams(hparams)
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _enable_input_grads_for_checkpointing(self, target: nn.Module) -> None:
+        """Reentrant checkpointing drops gradients when no block input requires grad, and with a
+        frozen embedding none does: have the (outermost) HF model's embedding output require it,
+        unless the model already does (recent transformers do it in gradient_checkpointing_enable)."""
+        for module in target.modules():
+            if not hasattr(module, "enable_input_require_grads"):
+                continue
+            checkpointing = getattr(module, "is_activation_checkpointing", None)
+            if checkpointing is None:
+                checkpointing = getattr(module, "is_gradient_checkpointing", False)
+            already = getattr(module, "_require_grads_hooks", None) or getattr(module, "_require_grads_hook", None)
+            if checkpointing and not already:
+                module.enable_input_require_grads()
+                self._input_grads_enabled.append(module)
+            return  # the outermost model covers its submodels
+
+    # -- fit end: export and merge -------------------------------------------------------------
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        fsdp_model = _fsdp_root(trainer)
+        if fsdp_model is None:
+            return
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(fsdp_model, writeback=True):
+            self._export_and_merge(trainer, pl_module, unload=False)
+        self._done_at_train_end = True
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._done_at_train_end:
+            self._done_at_train_end = False
+            if self.merge_on_fit_end:
+                merge_and_unload(self._target(pl_module))  # already merged: puts plain layers back
+        else:
+            self._export_and_merge(trainer, pl_module, unload=True)
+        for module in self._input_grads_enabled:
+            module.disable_input_require_grads()
+        self._input_grads_enabled.clear()
+
+    def _export_and_merge(self, trainer: pl.Trainer, pl_module: pl.LightningModule, unload: bool) -> None:
+        """Write the adapter, merge (and unload), write the merged model; rank zero writes."""
+        target = self._target(pl_module)
+        if not lora_layers(target):
+            return
+        writes = self.export_dir is not None and trainer.is_global_zero
+        tokenizer = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
+        if writes:
+            self.export_paths["adapter"] = save_adapter(
+                target, self.export_dir / "adapter", base_model_name_or_path=self.base_model_name_or_path
+            )
+        if self.merge_on_fit_end:
+            self._merged_adapters = _snapshot(target)
+            if unload:
+                merge_and_unload(target)
+            else:
+                merge_lora(target)  # under FSDP: merged in place, plain layers go back at fit end
+        if writes:
+            # A plain model is written as it is; one still holding LoRA layers is merged as a copy.
+            self.export_paths["merged"] = export_merged(target, self.export_dir / "merged", tokenizer=tokenizer)
+        if self.export_dir is not None:
+            trainer.strategy.barrier("lora_lightning_export")
+            self.export_paths = {"adapter": self.export_dir / "adapter", "merged": self.export_dir / "merged"}
+            rank_zero_info(
+                f"LoRA: adapter written to {self.export_paths['adapter']}, merged model to "
+                f"{self.export_paths['merged']}"
+            )
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # A validate/test that re-adapted a merged model to load a checkpoint leaves it merged again.
+        if self._readapted_stage is not None and stage != "fit" and self.merge_on_fit_end:
+            target = self._target(pl_module)
+            self._merged_adapters = _snapshot(target)
+            merge_and_unload(target)
+        self._readapted_stage = None
+
+
+def _snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of every adapter's factors (small), to unmerge them again later."""
+    return {
+        name: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+        for name, layer in lora_layers(model).items()
+    }
+
+
+def _fsdp_root(trainer: pl.Trainer) -> nn.Module | None:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return trainer.strategy.model if isinstance(trainer.strategy, FSDPStrategy) else None
+
+
+def _print_report(report: LoRAReport) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="LoRA adapters", title_justify="left")
+    for column, justify in (("module", "left"), ("type", "left"), ("in", "right"), ("out", "right"), ("r", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for m in report.modules:
+        table.add_row(m.name, m.kind, str(m.in_features), str(m.out_features), str(m.r))
+    console = Console()
+    console.print(table)
+    console.print(str(report.params))
+
+
+__all__ = ["LoRACallback", "default_optimizer"]

@@ -8,6 +8,9 @@ closure, batch transfer, loss bookkeeping) is inside it. The two alternate for `
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import statistics
 import time
 import warnings
@@ -18,10 +21,7 @@ from shapes import RANK, TARGETS, Shape
 
 from lora_lightning import LoRAConfig, inject_lora
 
-NOT_LANDED = (
-    "not measured: lora_lightning/callback.py (LoRACallback) is not in this checkout yet; "
-    "`git merge main` once it has landed and rerun (the row is ready in benchmarks/lightning_row.py)"
-)
+NOT_LANDED = "not measured: lora_lightning/callback.py (LoRACallback) cannot be imported in this checkout"
 
 
 def _config() -> LoRAConfig:
@@ -61,6 +61,7 @@ def hand_loop(shape: Shape, device: torch.device, dtype: torch.dtype, warmup: in
 def trainer_loop(shape: Shape, device: torch.device, dtype: torch.dtype, warmup: int, steps: int) -> float:
     """ms per step of ``Trainer.fit`` with ``LoRACallback`` injecting the same adapters."""
     import lightning as L
+
     from lora_lightning.callback import LoRACallback
 
     class Module(L.LightningModule):
@@ -101,7 +102,14 @@ def trainer_loop(shape: Shape, device: torch.device, dtype: torch.dtype, warmup:
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )
-    trainer.fit(Module(), train_dataloaders=_loader(shape, warmup + steps))
+    quiet = logging.getLogger("lightning.pytorch")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:  # the callback prints its module table at fit start: 224 rows at 8b, none of them timed
+        with contextlib.redirect_stdout(io.StringIO()):
+            trainer.fit(Module(), train_dataloaders=_loader(shape, warmup + steps))
+    finally:
+        quiet.setLevel(level)
     return (timer.t1 - timer.t0) * 1e3 / steps
 
 

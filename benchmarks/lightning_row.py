@@ -90,23 +90,23 @@ def trainer_loop(shape: Shape, device: torch.device, dtype: torch.dtype, warmup:
                 self.t1 = time.perf_counter()
 
     timer = StepTimer()
-    trainer = L.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=1,
-        max_steps=warmup + steps,
-        callbacks=[LoRACallback(_config()), timer],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
     quiet = logging.getLogger("lightning.pytorch")
     level = quiet.level
-    quiet.setLevel(logging.WARNING)
+    quiet.setLevel(logging.WARNING)  # "GPU available", tips, "max_steps reached"
     try:  # the callback prints its module table at fit start: 224 rows at 8b, none of them timed
         with contextlib.redirect_stdout(io.StringIO()):
+            trainer = L.Trainer(
+                accelerator="gpu" if device.type == "cuda" else "cpu",
+                devices=1,
+                max_steps=warmup + steps,
+                callbacks=[LoRACallback(_config()), timer],
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+                limit_val_batches=0,
+            )
             trainer.fit(Module(), train_dataloaders=_loader(shape, warmup + steps))
     finally:
         quiet.setLevel(level)

@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"{size} {variant}: {shown}")
         rows[size].append(row)
 
-    # Every size's eager variants first, the compiled one (minutes of compiling) after the checks.
+    # Every size's eager variants first, the compiled one (minutes of compiling) after everything else.
     eager = [v for v in chosen if v != "lora_compile"]
     for size in sizes:
         if sequential:
@@ -324,13 +324,14 @@ def main(argv: list[str] | None = None) -> int:
         if not over_budget("layer timing"):
             log(checks.layer_timing(SIZES[sizes[-1]], device, dtype))
 
-    if sequential and "lora_compile" in chosen:
-        for size in sizes:
-            run_sequential(size, "lora_compile")
-
     if not args.no_checks and not over_budget("Lightning overhead"):
         steps_l = 2 if args.dry_run else 10
         log(lightning_row.lightning_overhead(SIZES[sizes[0]], device, dtype, warmup=warmup, steps=steps_l))
+
+    # Last: compiling takes minutes, and the budget may run out here.
+    if sequential and "lora_compile" in chosen:
+        for size in sizes:
+            run_sequential(size, "lora_compile")
 
     log("\n# SUMMARY")
     for size in sizes:

@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import checks  # after sys.path is set up; imports peft lazily
     import lightning_row
+    import targets
 
     log, start = Log(), time.perf_counter()
 
@@ -336,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     log("\n# SUMMARY")
     for size in sizes:
         log(table(rows[size], SIZES[size], device, dtype))
+        log("\n".join(targets.target_lines(rows[size], SIZES[size], cuda)))
     if not cuda:
         log(f"# load average after: {os.getloadavg()[0]:.2f}")
     log(f"# total wall {time.perf_counter() - start:.0f} s")

@@ -187,19 +187,26 @@ def free_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def rss_bytes() -> int:
-    """Current resident set size of this process (Linux)."""
+def _proc_status_bytes(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
 
-def peak_rss_bytes() -> int:
-    import resource
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux)."""
+    return _proc_status_bytes("VmRSS")
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is KiB on Linux
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux ``VmHWM``).
+
+    Not ``getrusage().ru_maxrss``: Linux carries that over ``exec`` from the process that spawned
+    us, so a worker started by a parent holding 500 MiB would report at least 500 MiB.
+    """
+    return _proc_status_bytes("VmHWM")
 
 
 def versions() -> str:

@@ -80,17 +80,37 @@ class _LoRABase(nn.Module):
     def _delta_in_weight_layout(self) -> Tensor:
         raise NotImplementedError
 
+    def _delta_factors(self) -> tuple[Tensor, Tensor]:
+        """``(left, right)`` with ``left @ right`` = ``B @ A`` laid out like ``base_layer.weight``."""
+        raise NotImplementedError
+
     def delta_weight(self) -> Tensor:
         """``scale * B @ A`` in float32, laid out like ``base_layer.weight``."""
         return self._delta_in_weight_layout()
+
+    def _add_delta(self, alpha: float) -> None:
+        """``W <- W + alpha * B @ A``, the sum in float32 and rounded once into W's dtype.
+
+        One GEMM whose epilogue does the add (``addmm_``): with factors in W's dtype the product
+        accumulates in float32 and the sum is rounded once on write, and W is read and written
+        once, with no full-size temporary. Factors in another dtype (float32 adapters on a bf16
+        base) go through one float32 copy of W, still a single rounding.
+        """
+        weight = self.base_layer.weight
+        left, right = self._delta_factors()
+        if left.dtype == weight.dtype:
+            weight.addmm_(left, right, alpha=alpha)
+        else:
+            merged = weight.float()
+            merged.addmm_(left.float(), right.float(), alpha=alpha)
+            weight.copy_(merged)
 
     @torch.no_grad()
     def merge(self) -> None:
         """``W <- W + scale * B @ A``, summed in float32 and rounded once; a no-op when merged."""
         if self.merged:
             return
-        weight = self.base_layer.weight
-        weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
+        self._add_delta(self.scale)
         self.merged = True
 
     @torch.no_grad()
@@ -98,8 +118,7 @@ class _LoRABase(nn.Module):
         """Undo :meth:`merge` (exact up to the rounding of W's dtype); a no-op when not merged."""
         if not self.merged:
             return
-        weight = self.base_layer.weight
-        weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
+        self._add_delta(-self.scale)
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -161,6 +180,10 @@ class LoRALinear(_LoRABase):
         delta = lora_delta(self.lora_A, self.lora_B, self.scale)  # (out, in)
         return delta.t() if self.fan_in_fan_out else delta
 
+    def _delta_factors(self) -> tuple[Tensor, Tensor]:
+        # nn.Linear: (out, r) @ (r, in); Conv1D stores W as (in, out): (in, r) @ (r, out)
+        return (self.lora_A.t(), self.lora_B.t()) if self.fan_in_fan_out else (self.lora_B, self.lora_A)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base_layer(x)
@@ -221,6 +244,9 @@ class LoRAEmbedding(_LoRABase):
 
     def _delta_in_weight_layout(self) -> Tensor:
         return lora_delta(self.lora_A, self.lora_B, self.scale).t()  # (num_embeddings, dim)
+
+    def _delta_factors(self) -> tuple[Tensor, Tensor]:
+        return self.lora_A.t(), self.lora_B.t()  # (num_embeddings, r) @ (r, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         result = self.base_layer(x)

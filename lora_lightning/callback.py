@@ -404,8 +404,8 @@ def _print_report(report: LoRAReport) -> None:
     table = Table(title="LoRA adapters", title_justify="left")
     for column, justify in (("module", "left"), ("type", "left"), ("in", "right"), ("out", "right"), ("r", "right")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for m in report.modules:
-        table.add_row(m.name, m.kind, str(m.in_features), str(m.out_features), str(m.r))
+    for row in report.rows():
+        table.add_row(*row)
     console = Console()
     console.print(table)
     console.print(str(report.params))

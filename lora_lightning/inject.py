@@ -6,6 +6,7 @@ model only once the plan is complete, so a failed call leaves the model exactly 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -67,12 +68,26 @@ class LoRAReport:
     def adapter_params(self) -> int:
         return sum(m.num_params for m in self.modules)
 
-    def table(self) -> str:
-        """A plain-text table of adapted modules (name, type, in, out, r)."""
-        rows = [(m.name, m.kind, str(m.in_features), str(m.out_features), str(m.r)) for m in self.modules]
+    def rows(self, max_rows: int = 40) -> list[tuple[str, str, str, str, str]]:
+        """(module, type, in, out, r) per adapted module; past ``max_rows`` modules that differ
+        only in block index collapse into one row (``model.layers.*.mlp.up_proj (x32)``)."""
+        if len(self.modules) <= max_rows:
+            return [(m.name, m.kind, str(m.in_features), str(m.out_features), str(m.r)) for m in self.modules]
+        groups: dict[tuple[str, str, int, int, int], int] = {}
+        for m in self.modules:
+            key = (re.sub(r"\.\d+(?=\.)", ".*", m.name), m.kind, m.in_features, m.out_features, m.r)
+            groups[key] = groups.get(key, 0) + 1
+        return [
+            (f"{name} (x{count})" if count > 1 else name, kind, str(i), str(o), str(r))
+            for (name, kind, i, o, r), count in groups.items()
+        ]
+
+    def table(self, max_rows: int = 40) -> str:
+        """A plain-text table of adapted modules (name, type, in, out, r); see :meth:`rows`."""
+        rows = self.rows(max_rows)
         header = ("module", "type", "in", "out", "r")
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) for row in [header, *rows]]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in [header, *rows]]
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -115,6 +115,15 @@ def test_all_linear_skips_the_head_of_a_wrapped_hf_model_and_conventional_heads(
     assert {"model.model.layers.0.self_attn.q_proj", "body.0", "body.classifier"} <= names
 
 
+def test_large_reports_group_modules_by_block_index():
+    model = tiny_llama(layers=8)
+    report = inject_lora(model, LoRAConfig(r=4, target_modules="all-linear"))
+    assert len(report.modules) == 56 and len(report.rows()) == 7
+    assert report.rows()[0] == ("model.layers.*.self_attn.q_proj (x8)", "Linear", "64", "64", "4")
+    assert len(report.rows(max_rows=100)) == 56
+    assert "model.layers.*.mlp.down_proj (x8)" in report.table()
+
+
 def test_summary_line_has_peft_format():
     model = tiny_llama()
     inject_lora(model, LoRAConfig(r=8, target_modules=["q_proj", "v_proj"]))

@@ -77,16 +77,14 @@ class _LoRABase(nn.Module):
     def bias(self) -> Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
-    def _delta_in_weight_layout(self) -> Tensor:
-        raise NotImplementedError
-
     def _delta_factors(self) -> tuple[Tensor, Tensor]:
         """``(left, right)`` with ``left @ right`` = ``B @ A`` laid out like ``base_layer.weight``."""
         raise NotImplementedError
 
     def delta_weight(self) -> Tensor:
         """``scale * B @ A`` in float32, laid out like ``base_layer.weight``."""
-        return self._delta_in_weight_layout()
+        left, right = self._delta_factors()
+        return (left.float() @ right.float()).mul_(self.scale)
 
     def _add_delta(self, alpha: float) -> None:
         """``W <- W + alpha * B @ A``, the sum in float32 and rounded once into W's dtype.
@@ -177,10 +175,6 @@ class LoRALinear(_LoRABase):
         weight = self.base_layer.weight
         return weight.t() if self.fan_in_fan_out else weight
 
-    def _delta_in_weight_layout(self) -> Tensor:
-        delta = lora_delta(self.lora_A, self.lora_B, self.scale)  # (out, in)
-        return delta.t() if self.fan_in_fan_out else delta
-
     def _delta_factors(self) -> tuple[Tensor, Tensor]:
         # nn.Linear: (out, r) @ (r, in); Conv1D stores W as (in, out): (in, r) @ (r, out)
         return (self.lora_A.t(), self.lora_B.t()) if self.fan_in_fan_out else (self.lora_B, self.lora_A)
@@ -242,9 +236,6 @@ class LoRAEmbedding(_LoRABase):
             nn.init.normal_(self.lora_B, std=init_std)
         else:
             nn.init.normal_(self.lora_B)
-
-    def _delta_in_weight_layout(self) -> Tensor:
-        return lora_delta(self.lora_A, self.lora_B, self.scale).t()  # (num_embeddings, dim)
 
     def _delta_factors(self) -> tuple[Tensor, Tensor]:
         return self.lora_A.t(), self.lora_B.t()  # (num_embeddings, r) @ (r, dim)

@@ -20,10 +20,11 @@ _LAZY = {
     "save_adapter": "lora_lightning.adapters",
     "load_adapter": "lora_lightning.adapters",
     "export_merged": "lora_lightning.adapters",
+    "adapter_state_dict": "lora_lightning.adapters",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lora_lightning.adapters import export_merged, load_adapter, save_adapter
+    from lora_lightning.adapters import adapter_state_dict, export_merged, load_adapter, save_adapter
     from lora_lightning.callback import LoRACallback
 
 
@@ -42,6 +43,7 @@ __all__ = [
     "LoRALinear",
     "LoRAReport",
     "ParameterSummary",
+    "adapter_state_dict",
     "export_merged",
     "get_lora_config",
     "inject_lora",

@@ -30,12 +30,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
+from lora_lightning.adapters import adapter_state_dict, export_merged, save_adapter
 from lora_lightning.checkpoint import (
     base_fingerprint,
+    base_tensors,
     checkpoint_metadata,
     compare_fingerprints,
     config_differences,
-    frozen_base_tensors,
 )
 from lora_lightning.config import LoRAConfig
 from lora_lightning.inject import LoRAReport, inject_lora, lora_layers
@@ -105,6 +106,7 @@ class LoRACallback(pl.Callback):
         self._fingerprint: dict[str, Any] | None = None
         self._frozen_keys: set[str] = set()  # LightningModule state_dict keys left out of checkpoints
         self._adapter_keys: list[str] = []  # LightningModule state_dict keys a checkpoint must hold
+        self._own_adapter_keys: set[str] = set()  # the same, relative to the adapted submodule
         self._merged_adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._restored_by_unmerge: set[str] = set()  # fingerprint names restored by our own unmerge
         self._readapted_stage: str | None = None
@@ -149,16 +151,14 @@ class LoRACallback(pl.Callback):
             self._readapt(target, stage)
         self.report = inject_lora(target, self.config)
         prefix = self._prefix()
+        # What belongs to the adapter (factors, trained biases, modules_to_save; lora_A too under
+        # LoRA-FA, where it is frozen but still part of the adapter) is what checkpoints keep;
+        # everything else in the target is the base the fingerprint describes.
+        self._own_adapter_keys = set(adapter_state_dict(target))
         if self._fingerprint is None:
-            self._fingerprint = base_fingerprint(frozen_base_tensors(target))
-        trainable = {prefix + n for n, p in target.named_parameters() if p.requires_grad}
-        saved_modules = tuple(prefix + name + "." for name in self.report.modules_to_save)
-        self._adapter_keys = sorted(trainable)
-        self._frozen_keys = {
-            prefix + key
-            for key in target.state_dict()
-            if prefix + key not in trainable and not (prefix + key).startswith(saved_modules)
-        }
+            self._fingerprint = base_fingerprint(base_tensors(target, self._own_adapter_keys))
+        self._adapter_keys = sorted(prefix + key for key in self._own_adapter_keys)
+        self._frozen_keys = {prefix + key for key in target.state_dict() if key not in self._own_adapter_keys}
 
     def _readapt(self, target: nn.Module, stage: str) -> None:
         """Re-inject the adapters merged at fit end and unmerge them: the base weights come back."""
@@ -173,7 +173,7 @@ class LoRACallback(pl.Callback):
                 layer.lora_B.copy_(lora_B)
                 layer.merged = True
                 layer.unmerge()
-        self._restored_by_unmerge = {n for n, _ in frozen_base_tensors(target) if ".base_layer." in f".{n}"}
+        self._restored_by_unmerge = {n for n, _ in target.named_parameters() if ".base_layer." in f".{n}"}
         self._merged_adapters = None
         self._readapted_stage = stage
 
@@ -263,7 +263,7 @@ class LoRACallback(pl.Callback):
                 "LoRACallback: the checkpoint's adapters were trained with a different LoRA config: "
                 + "; ".join(differences)
             )
-        current = base_fingerprint(frozen_base_tensors(target))
+        current = base_fingerprint(base_tensors(target, self._own_adapter_keys))
         problems = compare_fingerprints(meta["fingerprint"], current, self._restored_by_unmerge)
         if problems:
             raise ValueError(
@@ -354,8 +354,6 @@ class LoRACallback(pl.Callback):
         writes = self.export_dir is not None and trainer.is_global_zero
         tokenizer = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
         if writes:
-            from lora_lightning.adapters import export_merged, save_adapter
-
             self.export_paths["adapter"] = save_adapter(
                 target, self.export_dir / "adapter", base_model_name_or_path=self.base_model_name_or_path
             )
@@ -406,8 +404,8 @@ def _print_report(report: LoRAReport) -> None:
     table = Table(title="LoRA adapters", title_justify="left")
     for column, justify in (("module", "left"), ("type", "left"), ("in", "right"), ("out", "right"), ("r", "right")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for m in report.modules:
-        table.add_row(m.name, m.kind, str(m.in_features), str(m.out_features), str(m.r))
+    for row in report.rows():
+        table.add_row(*row)
     console = Console()
     console.print(table)
     console.print(str(report.params))

@@ -29,7 +29,10 @@ _STRICT_RTOL = 1e-6
 def _entry(tensor: torch.Tensor) -> dict[str, Any]:
     flat = tensor.detach().reshape(-1)
     n = flat.numel()
-    index = torch.linspace(0, max(n - 1, 0), steps=min(_SAMPLES, n), device=flat.device).long()
+    k = min(_SAMPLES, n)
+    # Evenly spaced positions in exact integer arithmetic (a float32 linspace rounds n - 1 up to n
+    # once n passes 2**24, e.g. a 32000 x 2048 embedding).
+    index = torch.tensor([i * (n - 1) // max(k - 1, 1) for i in range(k)], dtype=torch.long, device=flat.device)
     stats = torch.stack([flat.sum(dtype=torch.float64), flat.double().square().sum()]) if n else torch.zeros(2)
     return {
         "shape": list(tensor.shape),
@@ -45,9 +48,10 @@ def base_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[
     return {name: _entry(t) for name, t in named_tensors if not t.is_meta}
 
 
-def frozen_base_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """The parameters of ``model`` that do not train, by ``state_dict``-style name."""
-    return [(name, p) for name, p in model.named_parameters() if not p.requires_grad]
+def base_tensors(model: nn.Module, adapter_keys: Iterable[str]) -> list[tuple[str, torch.Tensor]]:
+    """The parameters of ``model`` that are not part of the adapter, by ``state_dict``-style name."""
+    adapter = set(adapter_keys)
+    return [(name, p) for name, p in model.named_parameters() if name not in adapter]
 
 
 def _eps(dtype: str) -> float:

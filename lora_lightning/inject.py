@@ -6,6 +6,7 @@ model only once the plan is complete, so a failed call leaves the model exactly 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -67,12 +68,26 @@ class LoRAReport:
     def adapter_params(self) -> int:
         return sum(m.num_params for m in self.modules)
 
-    def table(self) -> str:
-        """A plain-text table of adapted modules (name, type, in, out, r)."""
-        rows = [(m.name, m.kind, str(m.in_features), str(m.out_features), str(m.r)) for m in self.modules]
+    def rows(self, max_rows: int = 40) -> list[tuple[str, str, str, str, str]]:
+        """(module, type, in, out, r) per adapted module; past ``max_rows`` modules that differ
+        only in block index collapse into one row (``model.layers.*.mlp.up_proj (x32)``)."""
+        if len(self.modules) <= max_rows:
+            return [(m.name, m.kind, str(m.in_features), str(m.out_features), str(m.r)) for m in self.modules]
+        groups: dict[tuple[str, str, int, int, int], int] = {}
+        for m in self.modules:
+            key = (re.sub(r"\.\d+(?=\.)", ".*", m.name), m.kind, m.in_features, m.out_features, m.r)
+            groups[key] = groups.get(key, 0) + 1
+        return [
+            (f"{name} (x{count})" if count > 1 else name, kind, str(i), str(o), str(r))
+            for (name, kind, i, o, r), count in groups.items()
+        ]
+
+    def table(self, max_rows: int = 40) -> str:
+        """A plain-text table of adapted modules (name, type, in, out, r); see :meth:`rows`."""
+        rows = self.rows(max_rows)
         header = ("module", "type", "in", "out", "r")
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) for row in [header, *rows]]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in [header, *rows]]
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -124,12 +139,25 @@ def _candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _output_head_names(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> set[str]:
-    """Names "all-linear" must skip: the HF output embedding and conventional top-level heads."""
-    names = {name for name, _ in candidates if name.split(".")[0] in HEAD_NAMES}
-    get_output = getattr(model, "get_output_embeddings", None)
-    head = get_output() if callable(get_output) else None
-    if head is not None:
-        names |= {name for name, module in candidates if module is head}
+    """Names "all-linear" must skip: output embeddings of every HF model inside ``model`` (it may be
+    wrapped, e.g. by a LightningModule), and conventional head names (``lm_head``, ``classifier``,
+    ...) directly under the root or under an HF model."""
+    heads: set[int] = set()
+    containers = {id(model)}
+    for _, module in [("", model), *candidates]:
+        get_output = getattr(module, "get_output_embeddings", None)
+        if callable(get_output) and not is_lora_layer(module):
+            containers.add(id(module))
+            head = get_output()
+            if isinstance(head, nn.Module):
+                heads.add(id(head))
+    by_name = dict(candidates)
+    names = set()
+    for name, module in candidates:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = by_name.get(parent_name, model) if parent_name else model
+        if id(module) in heads or (leaf in HEAD_NAMES and id(parent) in containers):
+            names.add(name)
     return names
 
 

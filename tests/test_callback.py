@@ -49,7 +49,7 @@ class Probe(pl.Callback):
         }
         pl_module.eval()
         with torch.no_grad():
-            self.adapted_output = pl_module(self.ids).detach().clone()
+            self.adapted_output = pl_module(self.ids.to(pl_module.device)).detach().clone()
 
 
 def test_fit_trains_only_adapters_then_merges_into_plain_layers(tmp_path):
@@ -191,3 +191,45 @@ def test_logs_config_and_counts_to_every_logger_and_prints_the_table(tmp_path, c
     assert "lora/trainable_params" in metrics and "1792.0" in metrics
     printed = capsys.readouterr().out
     assert "model.layers.1.self_attn.v_proj" in printed and "trainable params: 1,792 || all params: 92,224" in printed
+
+
+def test_fit_end_exports_peft_adapter_and_merged_model_with_tokenizer(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.models import tiny_llama
+    from tests.test_adapters_export import _tokenizer
+
+    module = CausalLM()
+    module.tokenizer = _tokenizer()  # picked up from the module, as the Hydra app's module exposes it
+    ids = token_ids(batch=2, length=12)
+    probe = Probe(ids)
+    export = tmp_path / "export"
+    callback = LoRACallback(r=4, alpha=8, target_modules=["q_proj", "v_proj"], module="model", export_dir=export)
+    _trainer(tmp_path, [callback, probe], max_epochs=2).fit(module, token_data())
+
+    assert callback.export_paths == {"adapter": export / "adapter", "merged": export / "merged"}
+    assert sorted(p.name for p in export.iterdir()) == ["adapter", "merged"]  # nothing half-written beside them
+    merged = AutoModelForCausalLM.from_pretrained(export / "merged").eval()
+    peft_model = PeftModel.from_pretrained(tiny_llama().eval(), export / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, probe.adapted_output, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, probe.adapted_output, rtol=1e-5, atol=1e-5)
+    tokenizer = AutoTokenizer.from_pretrained(export / "merged")
+    text = "Adapters are small."
+    assert tokenizer(text)["input_ids"] == module.tokenizer(text)["input_ids"]
+
+
+def test_merge_on_fit_end_off_keeps_adapters_and_still_exports(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    module = CausalLM()
+    ids = token_ids(batch=2, length=12)
+    probe = Probe(ids)
+    export = tmp_path / "export"
+    callback = LoRACallback(r=4, target_modules=["q_proj"], module="model", merge_on_fit_end=False, export_dir=export)
+    _trainer(tmp_path, [callback, probe], max_epochs=1).fit(module, token_data())
+    assert len(lora_layers(module)) == 2 and not any(layer.merged for layer in lora_layers(module).values())
+    merged = AutoModelForCausalLM.from_pretrained(export / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, probe.adapted_output, rtol=1e-5, atol=1e-5)

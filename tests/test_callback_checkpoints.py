@@ -110,6 +110,23 @@ def test_mismatched_checkpoint_is_refused_with_the_reason(tmp_path, make_callbac
             assert torch.equal(value, original), key
 
 
+def test_lora_fa_checkpoints_keep_the_frozen_A(tmp_path):
+    """Under LoRA-FA A does not train, but it is half of the adapter: a resume needs it."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt")
+    callback = _callback(freeze_A=True)
+    trainer = _trainer(tmp_path, [callback, checkpoint], max_epochs=1, enable_checkpointing=True)
+    trainer.fit(CausalLM(), token_data())
+    keys = set(torch.load(checkpoint.best_model_path, weights_only=True)["state_dict"])
+    assert sum(k.endswith("lora_A") for k in keys) == sum(k.endswith("lora_B") for k in keys) == 4
+    module = CausalLM(seed=0)
+    torch.manual_seed(123)  # a different random A at injection: the checkpoint's A must replace it
+    resumed = _trainer(tmp_path, [_callback(freeze_A=True)], max_epochs=1)
+    resumed.validate(module, token_data(n=16, seed=5), ckpt_path=checkpoint.best_model_path)
+    state = torch.load(checkpoint.best_model_path, weights_only=True)["state_dict"]
+    for name, layer in lora_layers(module.model).items():
+        assert torch.equal(layer.lora_A, state[f"model.{name}.lora_A"]), name
+
+
 def test_checkpoint_without_lora_record_is_refused(tmp_path):
     plain = ModelCheckpoint(dirpath=tmp_path / "plain")
     _trainer(tmp_path, [plain], max_epochs=1, enable_checkpointing=True).fit(CausalLM(), token_data())

@@ -103,6 +103,27 @@ def test_all_linear_skips_output_head_and_report_lists_modules():
     assert report.adapter_params == report.params.trainable
 
 
+def test_all_linear_skips_the_head_of_a_wrapped_hf_model_and_conventional_heads():
+    wrapper = nn.Module()
+    wrapper.model = tiny_llama()
+    wrapper.classifier = nn.Linear(64, 2)
+    wrapper.body = nn.Sequential(nn.Linear(4, 4))
+    wrapper.body.classifier = nn.Linear(4, 4)  # not a head: its parent is neither the root nor an HF model
+    report = inject_lora(wrapper, LoRAConfig(r=2, target_modules="all-linear"))
+    names = {m.name for m in report.modules}
+    assert "model.lm_head" not in names and "classifier" not in names
+    assert {"model.model.layers.0.self_attn.q_proj", "body.0", "body.classifier"} <= names
+
+
+def test_large_reports_group_modules_by_block_index():
+    model = tiny_llama(layers=8)
+    report = inject_lora(model, LoRAConfig(r=4, target_modules="all-linear"))
+    assert len(report.modules) == 56 and len(report.rows()) == 7
+    assert report.rows()[0] == ("model.layers.*.self_attn.q_proj (x8)", "Linear", "64", "64", "4")
+    assert len(report.rows(max_rows=100)) == 56
+    assert "model.layers.*.mlp.down_proj (x8)" in report.table()
+
+
 def test_summary_line_has_peft_format():
     model = tiny_llama()
     inject_lora(model, LoRAConfig(r=8, target_modules=["q_proj", "v_proj"]))

@@ -1,0 +1,373 @@
+"""Adapters in and out: PEFT-format save / load, adapter-only state, and merged checkpoints.
+
+* :func:`save_adapter` writes ``adapter_config.json`` + ``adapter_model.safetensors`` exactly as HF
+  PEFT does, so PEFT, vLLM's LoRA serving and the Hub read it (mapping in :mod:`.peft_format`).
+* :func:`load_adapter` reads ours or PEFT's, checks every tensor against the injection plan *before*
+  touching the model (every tensor finds its module, every adapted module gets its tensors, shapes
+  and ranks agree), then injects and copies. Pickle files are never read.
+* :func:`export_merged` writes a plain checkpoint (``save_pretrained`` for transformers models,
+  ``model.safetensors`` with the original keys otherwise).
+
+Every write goes to a temporary sibling directory that is renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+
+from lora_lightning import peft_format as pf
+from lora_lightning.config import LoRAConfig
+from lora_lightning.inject import (
+    _CONFIG_ATTR,
+    LoRAReport,
+    _set_submodule,
+    inject_lora,
+    lora_layers,
+    lora_report,
+    plan_targets,
+    remove_lora_config,
+)
+from lora_lightning.layers import LoRAEmbedding, LoRALinear
+from lora_lightning.load_plan import choose_config, plan_load, saved_modules, with_file_dtype
+from lora_lightning.merge import merge_and_unload
+
+MERGED_WEIGHTS_NAME = "model.safetensors"
+
+
+# -- what belongs to the adapter ---------------------------------------------------------------------
+
+
+def _adapted_root(model: nn.Module) -> tuple[str, nn.Module, LoRAConfig]:
+    """The submodule ``inject_lora`` was called on (it holds the config), its name, and the config."""
+    for name, module in model.named_modules():
+        config = vars(module).get(_CONFIG_ATTR)
+        if isinstance(config, LoRAConfig) and lora_layers(module):
+            return name, module, config
+    raise ValueError("model carries no LoRA adapters: inject them with inject_lora or load_adapter first")
+
+
+def _own_adapter_state(root: nn.Module, config: LoRAConfig) -> dict[str, Tensor]:
+    """Adapter tensors under ``root``'s own state_dict keys: factors, trained biases, modules_to_save."""
+    state = root.state_dict(keep_vars=True)
+    out: dict[str, Tensor] = {}
+    for name, layer in lora_layers(root).items():
+        out[f"{name}.lora_A"], out[f"{name}.lora_B"] = layer.lora_A, layer.lora_B
+        if config.bias == "lora_only" and isinstance(layer, LoRALinear) and layer.bias is not None:
+            out[f"{name}.base_layer.bias"] = layer.bias
+    if config.bias == "all":  # the rule mark_trainable (and PEFT) trains by
+        out.update({k: v for k, v in state.items() if "bias" in k and isinstance(v, nn.Parameter)})
+    for module in saved_modules(root, config):
+        out.update({k: v for k, v in state.items() if k.startswith(module + ".")})
+    return {key: tensor.detach() for key, tensor in out.items()}
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The trainable adapter state under ``model``'s own state_dict keys.
+
+    Holds every ``lora_A`` (r x in) and ``lora_B`` (out x r), the biases ``config.bias`` trains and
+    the state of ``modules_to_save``, so ``model.load_state_dict(sd, strict=False)`` restores an
+    adapter-only checkpoint. Tensors are detached and share storage with the model.
+
+    Raises:
+        ValueError: the model carries no adapters.
+    """
+    prefix, root, config = _adapted_root(model)
+    dot = prefix + "." if prefix else ""
+    return {dot + key: tensor for key, tensor in _own_adapter_state(root, config).items()}
+
+
+# -- atomic directories --------------------------------------------------------------------------------
+
+
+def _check_destination(target: Path) -> None:
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"directory {str(target)!r} exists and is not a directory; pick another path")
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+@contextlib.contextmanager
+def _atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a fresh sibling directory; on success it replaces ``target``, on error it is removed.
+
+    A directory cannot be renamed over a non-empty one, so an existing ``target`` is first renamed
+    aside and deleted only after the new one is in place (and renamed back if that fails).
+    """
+    _check_destination(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()  # mode from the umask, unlike mkdtemp's 0700, so other readers (servers) can open it
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _for_file(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """CPU, contiguous, and no two tensors sharing memory (safetensors refuses tied weights)."""
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[key] = tensor
+    return out
+
+
+# -- save ---------------------------------------------------------------------------------------------
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    value = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return str(value) if value else None
+
+
+def _check_round_trip(root: nn.Module, data: dict[str, Any], layers: Mapping[str, Any]) -> None:
+    """The written config must select exactly the adapted modules with their ranks and alphas."""
+    config = pf.config_from_peft(data)
+    selected = {name for name, _ in plan_targets(root, config)}
+    wrong = sorted(
+        name
+        for name in selected | set(layers)
+        if name not in selected
+        or name not in layers
+        or (config.rank_for(name), config.alpha_for(name)) != (layers[name].r, layers[name].alpha)
+    )
+    if wrong:
+        raise ValueError(f"adapter layers disagree with their config at {wrong[:5]}; were layers replaced by hand?")
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> Path:
+    """Write the model's adapter in HF PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+    Keys are relative to the module the adapters were injected into (it holds the config), so an
+    adapter injected into ``lit_module.model`` loads into the bare transformers model. An existing
+    ``directory`` is replaced as a whole, and only once the new one is complete.
+
+    Args:
+        model: a model carrying adapters (or a module containing the adapted one).
+        directory: destination directory.
+        base_model_name_or_path: written to the config; default ``model.name_or_path`` when set.
+        task_type: PEFT task type; default detected from the transformers class (``CAUSAL_LM``
+            for ``*ForCausalLM``), None for other models.
+
+    Returns:
+        The directory.
+    """
+    target = Path(directory)
+    _check_destination(target)
+    _, root, config = _adapted_root(model)
+    layers = lora_layers(root)
+    embeddings = {name for name, layer in layers.items() if isinstance(layer, LoRAEmbedding)}
+    tensors = {
+        pf.to_peft_key(key, key.rpartition(".")[0] in embeddings): tensor
+        for key, tensor in _own_adapter_state(root, config).items()
+    }
+    saved = saved_modules(root, config)
+    linear = [layer for layer in layers.values() if isinstance(layer, LoRALinear)]
+    if task_type is None:
+        task_type = pf.detect_task_type(root, saved, (name for name, _ in root.named_modules()))
+    data = pf.peft_config_dict(
+        config,
+        layers,
+        saved,
+        fan_in_fan_out=bool(linear) and all(layer.fan_in_fan_out for layer in linear),
+        task_type=task_type,
+        base_model_name_or_path=base_model_name_or_path or _name_or_path(root),
+    )
+    _check_round_trip(root, data, layers)
+    # PEFT ignores the metadata; we keep our own config there to restore fields PEFT lacks (freeze_A, ...).
+    metadata = {"format": "pt", pf.METADATA_CONFIG_KEY: json.dumps(config.to_dict(), sort_keys=True)}
+    with _atomic_directory(target) as tmp:
+        (tmp / pf.CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        safetensors.torch.save_file(_for_file(tensors), tmp / pf.WEIGHTS_NAME, metadata=metadata)
+    return target
+
+
+# -- load ---------------------------------------------------------------------------------------------
+
+
+def _read_adapter_files(path: Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, str]]:
+    config_path, weights_path = path / pf.CONFIG_NAME, path / pf.WEIGHTS_NAME
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter directory {str(path)!r} does not exist")
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{str(config_path)!r} not found: {str(path)!r} is not a PEFT adapter directory")
+    if not weights_path.is_file():
+        if (path / pf.PICKLE_WEIGHTS_NAME).is_file():
+            raise ValueError(
+                f"{str(path)!r} holds only {pf.PICKLE_WEIGHTS_NAME!r}, a pickle, which lora-lightning never loads "
+                "(unpickling can run arbitrary code); re-save it with PEFT to get adapter_model.safetensors"
+            )
+        raise FileNotFoundError(f"{str(weights_path)!r} not found")
+    try:
+        data = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(config_path)!r} is not valid JSON: {err}") from err
+    try:
+        with safetensors.safe_open(str(weights_path), framework="pt", device="cpu") as file:
+            metadata = file.metadata() or {}
+            tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as err:  # safetensors raises its own error type (and others) for damaged files
+        raise ValueError(f"{str(weights_path)!r} is not a valid safetensors file: {err}") from err
+    return data, tensors, metadata
+
+
+def _rollback(model: nn.Module, flags: list[tuple[Tensor, bool]], backups: dict[Tensor, Tensor]) -> None:
+    """Put the model back as it was before a failed load: base modules, values, requires_grad."""
+    for name, layer in lora_layers(model).items():
+        _set_submodule(model, name, layer.base_layer)
+    remove_lora_config(model)
+    with torch.no_grad():
+        for tensor, value in backups.items():
+            tensor.copy_(value)
+    for param, flag in flags:
+        param.requires_grad_(flag)
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, *, trainable: bool = False) -> LoRAReport:
+    """Inject an adapter saved by :func:`save_adapter` or by HF PEFT and load its weights.
+
+    Strict: every tensor must find its module and every adapted module must get its tensors; all
+    problems (missing / unexpected key, shape or rank mismatch, targets the model lacks, a damaged
+    file, unsupported PEFT options) are reported in one error naming keys and modules, raised before
+    the model is touched. Accepts PEFT's raw ``.default.`` key form, ``rank_pattern`` /
+    ``alpha_pattern``, rsLoRA, ``bias``, ``modules_to_save`` and embeddings. Never unpickles.
+
+    Args:
+        model: the base model the adapter was trained on, without adapters; modified in place.
+        directory: directory holding ``adapter_config.json`` and ``adapter_model.safetensors``.
+        trainable: True leaves adapters (and biases / modules_to_save per the config) trainable
+            for continued training; False freezes every parameter (inference).
+
+    Returns:
+        The :class:`LoRAReport` of the injection.
+    """
+    path = Path(directory)
+    data, tensors, metadata = _read_adapter_files(path)
+    source = str(path / pf.CONFIG_NAME)
+    existing = lora_layers(model)
+    if existing:
+        raise ValueError(
+            f"model already carries LoRA adapters on {len(existing)} module(s); load {str(path)!r} into a model "
+            "without adapters (call merge_and_unload(model) first to keep the current ones merged)"
+        )
+    config = choose_config(model, data, metadata, source)
+    plan = plan_load(model, config, tensors, str(path / pf.WEIGHTS_NAME))
+    config = with_file_dtype(config, plan, model)
+
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    state = model.state_dict(keep_vars=True)
+    # Values we overwrite (biases, modules_to_save, a base embedding), kept on the CPU to spare device memory.
+    backups = {state[key]: state[key].detach().to("cpu", copy=True) for key in plan.state}
+    try:
+        inject_lora(model, config)
+        layers = lora_layers(model)
+        with torch.no_grad():
+            for (name, which), tensor in plan.lora.items():
+                getattr(layers[name], f"lora_{which}").copy_(tensor)
+            for key, tensor in plan.state.items():
+                state[key].copy_(tensor)  # the same tensor objects live on under .base_layer
+        if not trainable:
+            for param in model.parameters():
+                param.requires_grad_(False)
+    except BaseException:
+        _rollback(model, flags, backups)
+        raise
+    return lora_report(model, config)
+
+
+# -- merged export ------------------------------------------------------------------------------------
+
+
+def _is_pretrained_model(model: nn.Module) -> bool:
+    module = sys.modules.get("transformers.modeling_utils")
+    cls = getattr(module, "PreTrainedModel", None) if module is not None else None
+    return cls is not None and isinstance(model, cls)
+
+
+def export_merged(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    tokenizer: Any | None = None,
+    *,
+    in_place: bool = False,
+) -> Path:
+    """Write the model with adapters merged in, as an ordinary checkpoint.
+
+    A transformers ``PreTrainedModel`` is written with ``save_pretrained`` (safetensors) and the
+    tokenizer with its ``save_pretrained``, so ``AutoModel*.from_pretrained(directory)`` loads it;
+    any other module becomes ``model.safetensors`` holding its original state_dict keys (tied
+    tensors stored under each key), which ``load_state_dict(strict=True)`` accepts.
+    An existing ``directory`` is replaced as a whole, once the new one is complete.
+
+    Args:
+        model: a model carrying adapters (or a plain model, written as is).
+        directory: destination directory.
+        tokenizer: anything with ``save_pretrained(directory)``, or None.
+        in_place: merge and unload ``model`` itself instead of a deep copy (saves the memory of
+            the copy; the model is left plain and merged). A model without adapters is never copied.
+
+    Returns:
+        The directory.
+    """
+    target = Path(directory)
+    _check_destination(target)
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise TypeError(f"tokenizer must have a save_pretrained(directory) method, got {type(tokenizer).__name__}")
+    # A model without LoRA layers (merged and unloaded already) is written as it is: no copy needed.
+    merged = merge_and_unload(model if in_place or not lora_layers(model) else copy.deepcopy(model))
+    with _atomic_directory(target) as tmp:
+        if _is_pretrained_model(merged):
+            merged.save_pretrained(tmp)
+        else:
+            tensors = _for_file(merged.state_dict())
+            safetensors.torch.save_file(tensors, tmp / MERGED_WEIGHTS_NAME, metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return target
+
+
+__all__ = ["adapter_state_dict", "export_merged", "load_adapter", "save_adapter"]

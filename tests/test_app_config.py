@@ -179,3 +179,24 @@ def test_experiment_recipes_compose(name: str, tmp_path: Path) -> None:
 def test_sweep_recipe_holds_the_grid() -> None:
     cfg = _compose(["experiment=sweep_rank_targets"])
     assert cfg.hydra.sweeper.params == {"rank": "r4,r8,r16", "targets": "qv,all_linear"}
+
+
+def test_user_config_dir_adds_options(tmp_path: Path) -> None:
+    """--config-dir puts a user's directory on the search path: its files become group options."""
+    import yaml
+
+    from tests.app_support import run_cli
+
+    mine = tmp_path / "my_conf"
+    (mine / "rank").mkdir(parents=True)
+    (mine / "experiment").mkdir()
+    (mine / "rank" / "r2.yaml").write_text("# @package lora\nr: 2\nalpha: 4\n")
+    (mine / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /rank: r2\n  - override /model: tiny_gpt2\noptim:\n  lr: 1.0e-4\n"
+    )
+    proc = run_cli(["--config-dir", str(mine), "experiment=mine", "--cfg", "job"], tmp_path / "cache", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    job = yaml.safe_load(proc.stdout)
+    assert job["lora"]["r"] == 2 and job["lora"]["alpha"] == 4
+    assert job["model"]["name"] == "tiny_gpt2" and job["optim"]["lr"] == 1.0e-4
+    assert job["lora"]["targets"] == "all_linear"  # the packaged defaults still apply

@@ -28,6 +28,7 @@ CASES = {
     ),
     "malformed jsonl": (["data=text_files", "data.source.train=[{bad}]"], ["line 2", "'text'"]),
     "bad override key": (["lora.rank=4"], ["lora.rank"]),
+    "unknown monitor": (["monitor=val/acc"], ["monitor must be one of val/loss, val/ppl", "val/acc"]),
 }
 
 

@@ -1,7 +1,7 @@
 """Pretrained bases for the tiny models, built here on first use and cached like a hub download.
 
 LoRA needs a base that already knows something. With no hub access, the tiny models get one the
-first time they are used: a byte-level BPE tokenizer and a few minutes of full training on the
+first time they are used: a byte-level BPE tokenizer and a minute or two of full training on the
 English prose that ships with every CPython (``pydoc_data.topics``, the text of ``help()``). The
 result is written with ``save_pretrained`` to ``<cache_dir>/<name>-<key>``, where the key hashes
 everything that shapes the weights, and is loaded with ``from_pretrained`` from then on, exactly

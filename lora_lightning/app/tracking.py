@@ -63,8 +63,7 @@ def log_run_config(logger: Logger | None, cfg: DictConfig) -> None:
     """The resolved job config as the run's hyperparameters (W&B run config, CSV hparams.yaml)."""
     if logger is None:
         return
-    container = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(container, dict)
+    container = dict(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
     logger.log_hyperparams({key: value for key, value in container.items() if key != "hydra"})
 
 

@@ -27,11 +27,12 @@ from lora_lightning.app.tracking import build_logger, finish, log_results, log_r
 from lora_lightning.config import LoRAConfig
 from lora_lightning.inject import plan_targets
 
+MONITORS = ("val/loss", "val/ppl")  # what the job can return; both lower-is-better
+
 
 def lora_config_from(cfg: DictConfig) -> LoRAConfig:
     """The LoRAConfig of a job: ``cfg.lora`` with ``targets`` mapped through the model's roles."""
-    fields = OmegaConf.to_container(cfg.lora, resolve=True)
-    assert isinstance(fields, dict)
+    fields = dict(OmegaConf.to_container(cfg.lora, resolve=True))  # type: ignore[arg-type]
     targets = fields.pop("targets")
     target_modules = resolve_targets(targets, cfg.model.get("target_roles"), str(cfg.model.get("name", "model")))
     try:
@@ -73,12 +74,38 @@ def _check_merged(merged_dir: Path, datamodule: Any, sample: DictConfig | None) 
     return ppl, text
 
 
+def _trainer(cfg: DictConfig, output_dir: Path, logger: Any, lora: L.Callback) -> L.Trainer:
+    """The configured Trainer with the LoRA callback, adapter-only checkpoints and the logger."""
+    callbacks: list[L.Callback] = [lora]
+    if cfg.checkpoint.enabled:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=output_dir / "checkpoints",
+                filename="step{step}",
+                auto_insert_metric_name=False,
+                monitor=cfg.monitor,
+                mode="min",
+                save_top_k=cfg.checkpoint.save_top_k,
+                save_last=cfg.checkpoint.save_last,
+            )
+        )
+    return instantiate(
+        cfg.trainer,
+        logger=logger or False,
+        callbacks=callbacks,
+        enable_checkpointing=bool(cfg.checkpoint.enabled),  # else Lightning adds its own checkpointer
+        default_root_dir=str(output_dir),
+    )
+
+
 def _prepare(cfg: DictConfig, output_dir: Path) -> tuple[LoRAConfig, Any, LoadedModel]:
     """Every input check, then the base model and the tokenized data; raises only user errors."""
     with user_errors(output_dir):
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             raise UsageError(f"required value not set: {', '.join(missing)} (give it on the command line, key=value)")
+        if cfg.monitor not in MONITORS:
+            raise UsageError(f"monitor must be one of {', '.join(MONITORS)}, got {cfg.monitor!r}")
         lora_config = lora_config_from(cfg)
         if cfg.model.get("name_or_path") is not None:
             check_name_or_path(cfg.model.name_or_path)
@@ -109,8 +136,7 @@ def run(cfg: DictConfig) -> float:
     failed = True
     try:
         log_run_config(logger, cfg)
-        optim = OmegaConf.to_container(cfg.optim, resolve=True)
-        assert isinstance(optim, dict)
+        optim = dict(OmegaConf.to_container(cfg.optim, resolve=True))  # type: ignore[arg-type]
         lr_ratio_B = optim.pop("lr_ratio_B", 1.0)
         module = CausalLMModule(loaded.model, loaded.tokenizer, **optim)
         lora = LoRACallback(
@@ -122,26 +148,7 @@ def run(cfg: DictConfig) -> float:
             tokenizer=loaded.tokenizer,
             base_model_name_or_path=loaded.name_or_path,
         )
-        callbacks: list[L.Callback] = [lora]
-        if cfg.checkpoint.enabled:
-            callbacks.append(
-                ModelCheckpoint(
-                    dirpath=output_dir / "checkpoints",
-                    filename="step{step}",
-                    auto_insert_metric_name=False,
-                    monitor=cfg.monitor,
-                    mode="min",
-                    save_top_k=cfg.checkpoint.save_top_k,
-                    save_last=cfg.checkpoint.save_last,
-                )
-            )
-        trainer: L.Trainer = instantiate(
-            cfg.trainer,
-            logger=logger or False,
-            callbacks=callbacks,
-            enable_checkpointing=bool(cfg.checkpoint.enabled),  # else Lightning adds its own checkpointer
-            default_root_dir=str(output_dir),
-        )
+        trainer = _trainer(cfg, output_dir, logger, lora)
         mark = time.perf_counter()
         before = _validate(trainer, module, datamodule) if cfg.eval_base else {}
         timings["base_eval_s"], mark = time.perf_counter() - mark, time.perf_counter()
@@ -149,8 +156,6 @@ def run(cfg: DictConfig) -> float:
         timings["fit_s"], mark = time.perf_counter() - mark, time.perf_counter()
         train_loss = _metric(trainer.callback_metrics, "train/loss")
         after = _validate(trainer, module, datamodule)
-        if cfg.monitor not in after:
-            raise UsageError(f"monitor={cfg.monitor!r} was not logged; logged metrics: {', '.join(after)}")
 
         summary: dict[str, Any] = {
             "model": loaded.name,

@@ -1,0 +1,103 @@
+"""User errors of the app: one clear line on stderr, a non-zero exit, nothing half-written.
+
+Hydra prints a stripped traceback for every exception raised in a job. For a user's mistake (an
+unknown group choice, ``r=0``, a missing file) that is noise: the app prints one line naming the
+problem instead, and keeps the full trace for ``HYDRA_FULL_ERROR=1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+PROG = "lora-lightning"
+# Set by main() before Hydra starts, so the choice survives main() setting HYDRA_FULL_ERROR itself.
+USER_FULL_ERROR_ENV = "LORA_LIGHTNING_FULL_ERROR"
+
+
+class UsageError(ValueError):
+    """A mistake in the user's config or inputs, raised before any work starts."""
+
+
+class UsageExit(SystemExit):
+    """Ends the process with one line on stderr.
+
+    A ``SystemExit`` rather than an ``Exception`` so that Hydra's job runner, which catches
+    ``Exception`` and prints a traceback, lets it through unchanged. The message is the exit code,
+    as in ``sys.exit("...")``: uncaught, Python prints it and exits with status 1; and it survives
+    pickling, so a joblib or SLURM worker hands it back to the launcher intact.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def full_error_requested() -> bool:
+    """Whether the user asked for full tracebacks (``HYDRA_FULL_ERROR=1``)."""
+    value = os.environ.get(USER_FULL_ERROR_ENV, os.environ.get("HYDRA_FULL_ERROR", ""))
+    return value.strip().lower() in {"1", "true", "yes"}
+
+
+def one_line(text: str) -> str:
+    """Fold a multi-line message into one line: indented lines become a comma-separated list.
+
+    ``"Could not find 'rank/r3'\\n\\nAvailable options in 'rank':\\n\\tr16\\n\\tr4"`` becomes
+    ``"Could not find 'rank/r3'; Available options in 'rank': r16, r4"``.
+    """
+    parts: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if raw[:1] in {"\t", " "} and parts:
+            parts[-1] += (" " if parts[-1].endswith(":") else ", ") + line
+        else:
+            parts.append(line)
+    return "; ".join(parts)
+
+
+def describe(error: BaseException) -> str:
+    """The one line shown for a user error: the message, prefixed by the type where it helps."""
+    message = one_line(str(error)) or type(error).__name__
+    if isinstance(error, (UsageError, ValueError, TypeError)):
+        return message
+    return f"{type(error).__name__}: {message}"
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "the input is wrong", when raised before the work starts."""
+    from omegaconf.errors import OmegaConfBaseException  # an unset ??? value, a bad interpolation
+
+    return (ValueError, TypeError, OSError, ImportError, KeyError, OmegaConfBaseException)
+
+
+def remove_job_bookkeeping(output_dir: Path) -> None:
+    """Undo what Hydra wrote into a job's output dir, leaving nothing behind for a failed job.
+
+    Only Hydra's own files (``.hydra/`` and the job log) are removed, and the directory itself only
+    when that leaves it empty, so a dir the user pointed ``hydra.run.dir`` at keeps its contents.
+    """
+    if not output_dir.is_dir():
+        return
+    shutil.rmtree(output_dir / ".hydra", ignore_errors=True)
+    for log in output_dir.glob("*.log"):
+        log.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        output_dir.rmdir()  # only succeeds when empty
+
+
+@contextlib.contextmanager
+def user_errors(output_dir: Path | None) -> Iterator[None]:
+    """Turn input errors raised inside the block into a one-line exit (unless HYDRA_FULL_ERROR=1)."""
+    try:
+        yield
+    except _user_errors() as error:
+        if output_dir is not None:
+            remove_job_bookkeeping(output_dir)
+        if full_error_requested():
+            raise
+        raise UsageExit(describe(error)) from error

@@ -1,0 +1,120 @@
+"""The LightningModule for causal language modelling, and a plain perplexity evaluation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics.text import Perplexity
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
+    """LR multiplier: linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _shifted(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    # Position t predicts token t+1: logits (B, T-1, V) against labels (B, T-1).
+    return logits[:, :-1].float(), labels[:, 1:]
+
+
+class CausalLMModule(L.LightningModule):
+    """Trains a transformers causal LM: ``train/loss``, ``val/loss``, ``val/ppl``; AdamW, warmup + cosine.
+
+    The module is the same for full pretraining and for LoRA: the LoRACallback adapts
+    ``self.model`` and narrows the optimizer to the adapters, this module does not know about it.
+
+    Args:
+        model: a ``transformers`` causal LM (``model(input_ids, labels).loss`` works).
+        tokenizer: its tokenizer; the LoRA callback saves it beside the merged model.
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_steps: linear warmup steps.
+        min_lr_ratio: the cosine ends at ``lr * min_lr_ratio``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: object | None = None,
+        lr: float = 2e-3,
+        weight_decay: float = 0.0,
+        betas: Iterable[float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if not lr > 0:
+            raise ValueError(f"optim.lr must be positive, got {lr!r}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+        self.model = model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
+        self.tokenizer = tokenizer
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
+        self.save_hyperparameters(ignore=["model", "tokenizer"])
+        self.val_ppl = Perplexity(ignore_index=-100)
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None):
+        """input_ids, labels: (B, T) int64. Returns the transformers output (loss, logits (B, T, V))."""
+        return self.model(input_ids=input_ids, labels=labels)
+
+    def on_fit_start(self) -> None:
+        # A trainer.validate() before fit (the app scores the base) runs under inference mode,
+        # which leaves the metric's state as inference tensors that fit's validation cannot update.
+        self.val_ppl.reset()
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self(batch["input_ids"], batch["labels"]).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        logits, target = _shifted(self(batch["input_ids"]).logits, batch["labels"])
+        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+        self.val_ppl.update(logits, target)
+        size = batch["input_ids"].shape[0]
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
+        self.log("val/ppl", self.val_ppl, prog_bar=True, batch_size=size)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+        total = int(self.trainer.estimated_stepping_batches)
+        schedule = LambdaLR(optimizer, warmup_cosine(self.warmup_steps, total, self.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+@torch.no_grad()
+def evaluate_perplexity(model: nn.Module, batches: Iterable[dict[str, Tensor]], device: torch.device | str = "cpu"):
+    """Token-averaged loss and perplexity of a causal LM over batches (no Lightning involved).
+
+    Returns:
+        ``(loss, ppl)`` as floats, ``ppl = exp(loss)``.
+    """
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        ids = batch["input_ids"].to(device)
+        logits, target = _shifted(model(input_ids=ids).logits, ids)
+        total += F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum").item()
+        count += target.numel()
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("no validation tokens to evaluate")
+    loss = total / count
+    return loss, math.exp(loss)

@@ -1,0 +1,67 @@
+"""What the app writes and prints at the end: the JSON summary, the resolved config, a readable recap."""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.yaml"
+
+
+@cache
+def console() -> Console:
+    return Console(highlight=False)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file through a temporary sibling and a rename, so no reader sees half of it."""
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    staging.write_text(text)
+    os.replace(staging, path)
+
+
+def write_summary(output_dir: Path, summary: dict[str, Any]) -> Path:
+    """``summary.json``: the run's metrics, counts and paths on one line."""
+    path = output_dir / SUMMARY_FILE
+    write_atomic(path, json.dumps(summary, sort_keys=True) + "\n")
+    return path
+
+
+def print_recap(summary: dict[str, Any]) -> None:
+    """The final recap a person reads: perplexity before -> after, trainable share, where things are.
+
+    Plain aligned lines rather than a table, so long paths are never cut to the terminal width.
+    """
+    rows: list[tuple[str, str]] = []
+    base, adapted = summary.get("base_val_ppl"), summary.get("val_ppl")
+    if base is not None and adapted is not None:
+        rows.append(("val perplexity", f"{base:,.1f} (base) -> {adapted:,.1f} (LoRA), x{adapted / base:.3f}"))
+    elif adapted is not None:
+        rows.append(("val perplexity", f"{adapted:,.1f}"))
+    if summary.get("merged_val_ppl") is not None:
+        rows.append(("merged, reloaded", f"{summary['merged_val_ppl']:,.1f} (AutoModelForCausalLM from merged/)"))
+    counts = summary.get("params", {})
+    if counts:
+        share = f"{counts['trainable']:,d} of {counts['total']:,d} params ({counts['trainable_percent']:.3f}%)"
+        rows.append(("trainable", share))
+    lora = summary["lora"]
+    rows.append(("lora", f"r={lora['r']} alpha={lora['alpha']} targets={summary['targets']}"))
+    for label, key in (("adapter", "adapter"), ("merged model", "merged"), ("checkpoints", "checkpoints")):
+        if summary["paths"].get(key):
+            rows.append((label, summary["paths"][key]))
+    rows.append(("summary", summary["paths"]["summary"]))
+    if summary.get("sample"):
+        rows.append(("sample", repr(summary["sample"])))
+    rows.append(("time", f"{summary['wall_s']:.0f} s"))
+    width = max(len(label) for label, _ in rows)
+    out = console()
+    out.print("[bold]lora-lightning: done[/bold]")
+    for label, value in rows:
+        out.print(f"  [bold]{label.ljust(width)}[/bold]  {escape(value)}", soft_wrap=True)

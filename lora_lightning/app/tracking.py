@@ -1,0 +1,104 @@
+"""Experiment tracking: the logger of a job, its W&B group and run name, and closing the run.
+
+A multirun gets one W&B group (named after its sweep directory) and one run per job named by the
+job's overrides (``rank=r8,targets=qv``), so the W&B UI groups a sweep the way Hydra ran it. Each
+job finishes its run, so the next job in the same process (the basic launcher) starts a fresh one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from lora_lightning.app.errors import UsageError
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def job_identity(default_name: str) -> tuple[str | None, str]:
+    """``(group, name)`` for the current Hydra job: the sweep's group (None for a single run), the overrides."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    name = hydra_cfg.job.override_dirname or default_name
+    group = None
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        # The sweep dir is resolved once for the whole sweep (timestamps included), so every
+        # job, in this process or a joblib / SLURM worker, derives the same group from it.
+        group = "sweep-" + "_".join(Path(str(hydra_cfg.sweep.dir)).parts[-2:])
+    return group, name
+
+
+def build_logger(logger_cfg: DictConfig | None, output_dir: Path, default_name: str) -> Logger | None:
+    """Instantiate the configured logger (None for ``logger=none``), with W&B group and name filled in."""
+    from hydra.utils import instantiate
+
+    if not logger_cfg or logger_cfg.get("_target_") is None:
+        return None
+    group, name = job_identity(default_name)
+    target = str(logger_cfg["_target_"])
+    if target.endswith("WandbLogger"):
+        mode = logger_cfg.get("mode", "offline")
+        if mode not in WANDB_MODES:
+            raise UsageError(f"logger.mode must be one of {', '.join(WANDB_MODES)}, got {mode!r}")
+        save_dir = Path(logger_cfg.get("save_dir") or output_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        # log_model here would upload Lightning checkpoints; the app logs the exported PEFT adapter
+        # itself (see log_adapter_artifact), which is what a user wants to download.
+        return instantiate(
+            logger_cfg,
+            name=logger_cfg.get("name") or name,
+            group=logger_cfg.get("group") or group,
+            save_dir=str(save_dir),
+            log_model=False,
+        )
+    return instantiate(logger_cfg)
+
+
+def log_run_config(logger: Logger | None, cfg: DictConfig) -> None:
+    """The resolved job config as the run's hyperparameters (W&B run config, CSV hparams.yaml)."""
+    if logger is None:
+        return
+    container = dict(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    logger.log_hyperparams({key: value for key, value in container.items() if key != "hydra"})
+
+
+def log_results(logger: Logger | None, summary: dict[str, Any], adapter_dir: Path | None, log_model: bool) -> None:
+    """Put the final figures in the run (config and summary) and optionally the adapter as an artifact."""
+    if logger is None:
+        return
+    counts = summary.get("params", {})
+    logger.log_hyperparams(
+        {
+            "lora/trainable_params": counts.get("trainable"),
+            "lora/total_params": counts.get("total"),
+            "lora/trainable_percent": counts.get("trainable_percent"),
+        }
+    )
+    finals = {f"final/{key}": summary[key] for key in ("base_val_ppl", "val_ppl", "val_loss", "merged_val_ppl")}
+    logger.log_metrics({key: value for key, value in finals.items() if value is not None})
+    if isinstance(logger, WandbLogger):
+        run = logger.experiment
+        run.summary.update({key: value for key, value in finals.items() if value is not None})
+        if log_model and adapter_dir is not None and adapter_dir.is_dir():
+            import wandb
+
+            artifact = wandb.Artifact(f"adapter-{run.id}", type="model", metadata={"lora": summary["lora"]})
+            artifact.add_dir(str(adapter_dir))
+            run.log_artifact(artifact, aliases=["latest"])
+    logger.save()
+
+
+def finish(logger: Logger | None, failed: bool = False) -> None:
+    """Close the job's W&B run (``wandb.finish``), so the next job in this process starts a new one."""
+    if isinstance(logger, WandbLogger):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=1 if failed else 0)
+    elif logger is not None:
+        logger.finalize("failed" if failed else "success")

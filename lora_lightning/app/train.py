@@ -1,0 +1,206 @@
+"""The job: load a base, score it, fine-tune it with LoRA, export, score the merged model, report.
+
+Everything that can be wrong with the input (the LoRA fields, the target role, the model path, the
+data files) is checked first, before anything is trained or written; such a mistake ends the job
+with one line and leaves no output behind (see :mod:`lora_lightning.app.errors`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from lora_lightning.app.errors import UsageError, user_errors
+from lora_lightning.app.models import LoadedModel, check_name_or_path, resolve_targets
+from lora_lightning.app.module import CausalLMModule, evaluate_perplexity
+from lora_lightning.app.report import CONFIG_FILE, SUMMARY_FILE, print_recap, write_atomic, write_summary
+from lora_lightning.app.tracking import build_logger, finish, log_results, log_run_config
+from lora_lightning.config import LoRAConfig
+from lora_lightning.inject import plan_targets
+
+MONITORS = ("val/loss", "val/ppl")  # what the job can return; both lower-is-better
+
+
+def lora_config_from(cfg: DictConfig) -> LoRAConfig:
+    """The LoRAConfig of a job: ``cfg.lora`` with ``targets`` mapped through the model's roles."""
+    fields = dict(OmegaConf.to_container(cfg.lora, resolve=True))  # type: ignore[arg-type]
+    targets = fields.pop("targets")
+    target_modules = resolve_targets(targets, cfg.model.get("target_roles"), str(cfg.model.get("name", "model")))
+    try:
+        return LoRAConfig(target_modules=target_modules, **fields)
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"lora: {err}") from err
+
+
+def _metric(metrics: dict[str, Any], key: str) -> float | None:
+    value = metrics.get(key)
+    return None if value is None else float(value)
+
+
+def _validate(trainer: L.Trainer, module: L.LightningModule, datamodule: Any) -> dict[str, float]:
+    results = trainer.validate(module, datamodule=datamodule, verbose=False)
+    return {key: float(value) for key, value in (results[0] if results else {}).items()}
+
+
+def _check_merged(merged_dir: Path, datamodule: Any, sample: DictConfig | None) -> tuple[float, str | None]:
+    """Reload the exported merged model as a user would, score it, and let it write a line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(merged_dir).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    _, ppl = evaluate_perplexity(model, datamodule.val_dataloader(), device)
+    text = None
+    if sample and sample.get("prompt") is not None:
+        prompt = tokenizer(sample.prompt, return_tensors="pt").to(device)
+        with torch.no_grad():
+            out = model.generate(
+                **prompt,
+                max_new_tokens=int(sample.get("max_new_tokens", 32)),
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
+        text = tokenizer.decode(out[0], skip_special_tokens=True)
+    del model
+    return ppl, text
+
+
+def _trainer(cfg: DictConfig, output_dir: Path, logger: Any, lora: L.Callback) -> L.Trainer:
+    """The configured Trainer with the LoRA callback, adapter-only checkpoints and the logger."""
+    callbacks: list[L.Callback] = [lora]
+    if cfg.checkpoint.enabled:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=output_dir / "checkpoints",
+                filename="step{step}",
+                auto_insert_metric_name=False,
+                monitor=cfg.monitor,
+                mode="min",
+                save_top_k=cfg.checkpoint.save_top_k,
+                save_last=cfg.checkpoint.save_last,
+            )
+        )
+    return instantiate(
+        cfg.trainer,
+        logger=logger or False,
+        callbacks=callbacks,
+        enable_checkpointing=bool(cfg.checkpoint.enabled),  # else Lightning adds its own checkpointer
+        default_root_dir=str(output_dir),
+    )
+
+
+def _prepare(cfg: DictConfig, output_dir: Path) -> tuple[LoRAConfig, Any, LoadedModel]:
+    """Every input check, then the base model and the tokenized data; raises only user errors."""
+    with user_errors(output_dir):
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise UsageError(f"required value not set: {', '.join(missing)} (give it on the command line, key=value)")
+        if cfg.monitor not in MONITORS:
+            raise UsageError(f"monitor must be one of {', '.join(MONITORS)}, got {cfg.monitor!r}")
+        lora_config = lora_config_from(cfg)
+        if cfg.model.get("name_or_path") is not None:
+            check_name_or_path(cfg.model.name_or_path)
+        datamodule = instantiate(cfg.data, _convert_="all")
+        datamodule.source.check()
+    L.seed_everything(cfg.seed, verbose=False)
+    with user_errors(output_dir):
+        loaded: LoadedModel = instantiate(cfg.model, _convert_="all")
+        plan_targets(loaded.model, lora_config)  # names that match nothing fail here, not mid-fit
+        datamodule.tokenizer = loaded.tokenizer
+        datamodule.setup("fit")
+    return lora_config, datamodule, loaded
+
+
+def run(cfg: DictConfig) -> float:
+    """Run one job; returns the value of ``cfg.monitor`` after training (what a sweeper minimises)."""
+    from lora_lightning import LoRACallback
+
+    start = time.perf_counter()
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    lora_config, datamodule, loaded = _prepare(cfg, output_dir)
+    timings = {"prepare_s": time.perf_counter() - start}  # base (built on first use), data
+
+    rank_zero_only(write_atomic)(output_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+    choices = hydra_cfg.runtime.choices
+    logger = build_logger(cfg.get("logger"), output_dir, f"{choices.model}-{choices.rank}-{choices.targets}")
+    failed = True
+    try:
+        log_run_config(logger, cfg)
+        optim = dict(OmegaConf.to_container(cfg.optim, resolve=True))  # type: ignore[arg-type]
+        lr_ratio_B = optim.pop("lr_ratio_B", 1.0)
+        module = CausalLMModule(loaded.model, loaded.tokenizer, **optim)
+        lora = LoRACallback(
+            lora_config,
+            module="model",
+            merge_on_fit_end=True,
+            export_dir=output_dir if cfg.export else None,
+            lr_ratio_B=lr_ratio_B,
+            tokenizer=loaded.tokenizer,
+            base_model_name_or_path=loaded.name_or_path,
+        )
+        trainer = _trainer(cfg, output_dir, logger, lora)
+        mark = time.perf_counter()
+        before = _validate(trainer, module, datamodule) if cfg.eval_base else {}
+        timings["base_eval_s"], mark = time.perf_counter() - mark, time.perf_counter()
+        trainer.fit(module, datamodule=datamodule)
+        timings["fit_s"], mark = time.perf_counter() - mark, time.perf_counter()
+        train_loss = _metric(trainer.callback_metrics, "train/loss")
+        after = _validate(trainer, module, datamodule)
+
+        summary: dict[str, Any] = {
+            "model": loaded.name,
+            "base_model": loaded.name_or_path,
+            "data": repr(datamodule.source),
+            "targets": OmegaConf.to_object(cfg.lora).get("targets"),  # the role, or the explicit list
+            "lora": {key: value for key, value in lora_config.to_dict().items() if value not in (None, [], {})},
+            "params": {
+                "trainable": lora.report.params.trainable,
+                "total": lora.report.params.total,
+                "trainable_percent": round(lora.report.params.trainable_percent, 4),
+                "adapted_modules": len(lora.report.modules),
+            },
+            "steps": trainer.global_step,
+            "world_size": trainer.world_size,
+            "train_loss": train_loss,
+            "base_val_loss": _metric(before, "val/loss"),
+            "base_val_ppl": _metric(before, "val/ppl"),
+            "val_loss": after["val/loss"],
+            "val_ppl": _metric(after, "val/ppl"),
+            "merged_val_ppl": None,
+            "sample": None,
+            "monitor": {cfg.monitor: after[cfg.monitor]},
+            "paths": {
+                "output_dir": str(output_dir),
+                "config": str(output_dir / CONFIG_FILE),
+                "summary": str(output_dir / SUMMARY_FILE),
+                "checkpoints": str(output_dir / "checkpoints") if cfg.checkpoint.enabled else None,
+                **{key: str(path) for key, path in (lora.export_paths or {}).items()},
+            },
+        }
+        if trainer.is_global_zero:
+            if cfg.verify_export and lora.export_paths:
+                module.cpu()  # room for the reloaded copy on a GPU
+                summary["merged_val_ppl"], summary["sample"] = _check_merged(
+                    Path(lora.export_paths["merged"]), datamodule, cfg.get("sample")
+                )
+            timings["after_fit_s"] = time.perf_counter() - mark  # scoring, export check, sample
+            summary["timings"] = {key: round(value, 1) for key, value in timings.items()}
+            summary["wall_s"] = round(time.perf_counter() - start, 1)
+            log_model = bool((cfg.get("logger") or {}).get("log_model"))
+            log_results(logger, summary, (lora.export_paths or {}).get("adapter"), log_model)
+            write_summary(output_dir, summary)
+            print_recap(summary)
+        failed = False
+        return float(after[cfg.monitor])
+    finally:
+        finish(logger, failed=failed)

@@ -1,0 +1,89 @@
+"""Data sources and packing: deterministic file splits, token blocks, readable errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_lightning.app.data import PydocTopics, StdlibCode, TextFiles, TokenBlockDataModule, pack, split_of, spread
+from lora_lightning.app.errors import UsageError
+from lora_lightning.app.pretrain import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(["def f(x):\n    return x + 1\n", "the quick brown fox " * 50], vocab_size=300)
+
+
+def test_stdlib_split_is_deterministic_disjoint_and_skips_excluded_dirs() -> None:
+    source = StdlibCode(val_fraction=0.05)
+    train, val = source.files("train"), source.files("val")
+    assert train == StdlibCode(val_fraction=0.05).files("train")  # same split every time
+    assert not set(train) & set(val) and len(val) > 10
+    assert 0.02 < len(val) / (len(train) + len(val)) < 0.1
+    for path in train + val:
+        parts = path.relative_to(source.root).parts[:-1]
+        assert not {"site-packages", "test", "tests", "pydoc_data", "encodings"} & set(parts)
+        assert path.suffix == ".py"
+    # The split of a file depends on its path only, not on what else is in the tree.
+    for path in val[:5]:
+        assert split_of(path.relative_to(source.root).as_posix(), 0.05) == "val"
+
+
+def test_pydoc_topics_split_by_topic() -> None:
+    train, val = list(PydocTopics(0.1).documents("train")), list(PydocTopics(0.1).documents("val"))
+    assert val and train and not set(train) & set(val)
+    assert list(PydocTopics(0.0).documents("val")) == []
+
+
+def test_pack_joins_documents_with_eos_and_cuts_blocks(tokenizer) -> None:
+    docs = ["def f(x):\n", "    return x\n"] * 20
+    blocks = pack(tokenizer, iter(docs), block_size=8)
+    stream = []
+    for doc in docs:
+        stream += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert blocks.shape == (len(stream) // 8, 8) and blocks.dtype == torch.long
+    assert blocks.flatten().tolist() == stream[: blocks.numel()]
+    assert pack(tokenizer, iter(docs), block_size=8, max_tokens=20).shape == (2, 8)
+
+
+def test_spread_takes_evenly_spaced_blocks() -> None:
+    blocks = torch.arange(100).view(100, 1)
+    assert spread(blocks, 5).flatten().tolist() == [0, 25, 50, 74, 99]
+    assert spread(blocks[:3], 5).shape == (3, 1)
+    with pytest.raises(UsageError, match="max_val_tokens"):
+        spread(blocks, 0)
+
+
+def test_text_files_txt_jsonl_and_errors(tmp_path: Path, tokenizer) -> None:
+    (tmp_path / "a.txt").write_text("alpha " * 300)
+    (tmp_path / "b.jsonl").write_text('{"text": "beta beta"}\n\n{"text": "gamma"}\n')
+    source = TextFiles(train=[str(tmp_path / "*.txt")], val=[str(tmp_path / "b.jsonl")])
+    source.check()
+    assert list(source.documents("val")) == ["beta beta", "gamma"]
+    data = TokenBlockDataModule(source, tokenizer=tokenizer, block_size=16, batch_size=2)
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_ids"].shape == (2, 16)
+
+    with pytest.raises(UsageError, match="matched no file"):
+        TextFiles(train=[str(tmp_path / "*.md")])
+    with pytest.raises(UsageError, match="cannot read data file .*missing.txt"):
+        TextFiles(train=[str(tmp_path / "missing.txt")]).check()
+    (tmp_path / "c.jsonl").write_text('{"text": "ok"}\n[1, 2]\n')
+    with pytest.raises(UsageError, match="line 2: expected a JSON object"):
+        TextFiles(train=[str(tmp_path / "c.jsonl")]).check()
+    (tmp_path / "d.csv").write_text("x")
+    with pytest.raises(UsageError, match="only .txt and .jsonl"):
+        TextFiles(train=[str(tmp_path / "d.csv")]).check()
+    with pytest.raises(UsageError, match="val_fraction"):
+        TextFiles(train=[str(tmp_path / "a.txt")], val_fraction=1.5)
+
+
+def test_too_little_data_is_a_clear_error(tmp_path: Path, tokenizer) -> None:
+    (tmp_path / "tiny.txt").write_text("x")
+    data = TokenBlockDataModule(TextFiles(train=[str(tmp_path / "tiny.txt")]), tokenizer=tokenizer, block_size=64)
+    with pytest.raises(UsageError, match="fewer than one batch"):
+        data.setup()

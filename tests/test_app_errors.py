@@ -1,0 +1,76 @@
+"""Bad input ends the CLI with one clear line, a non-zero exit, and nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.app_support import app_env, start_cli
+
+# (overrides, words the one error line must contain)
+CASES = {
+    "unknown group choice": (["rank=r3"], ["rank/r3", "r16", "r4", "r64"]),
+    "zero rank": (["lora.r=0"], ["lora", "r must be a positive integer, got 0"]),
+    "unmapped target role": (
+        ["targets=mlp", "model.target_roles.mlp=null"],
+        ["lora.targets='mlp'", "tiny_llama", "qv, attention, all_linear"],
+    ),
+    "unknown target role": (["lora.targets=ffn"], ["lora.targets='ffn'", "model.target_roles"]),
+    "missing model path": (
+        ["model=hf", "model.name_or_path=/nonexistent/model"],
+        ["/nonexistent/model", "does not exist"],
+    ),
+    "unset model path": (["model=hf"], ["required value not set: model.name_or_path"]),
+    "missing data file": (
+        ["data=text_files", "data.source.train=[/nonexistent/notes.txt]"],
+        ["/nonexistent/notes.txt", "cannot read data file"],
+    ),
+    "malformed jsonl": (["data=text_files", "data.source.train=[{bad}]"], ["line 2", "'text'"]),
+    "bad override key": (["lora.rank=4"], ["lora.rank"]),
+    "unknown monitor": (["monitor=val/acc"], ["monitor must be one of val/loss, val/ppl", "val/acc"]),
+}
+
+
+def test_bad_input_one_line_no_output(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
+    cache = tmp_path / "cache"
+    env = {**app_env(cache), "OMP_NUM_THREADS": "1"}
+    procs = {}
+    for name, (overrides, _) in CASES.items():  # all at once: each fails within its startup time
+        run_dir = tmp_path / name.replace(" ", "_")
+        args = [o.replace("{bad}", str(bad)) for o in overrides] + [f"hydra.run.dir={run_dir}"]
+        procs[name] = (start_cli(args, cache, tmp_path, env=env), run_dir)
+    for name, (proc, run_dir) in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert proc.returncode != 0, f"{name}: exit 0\n{stdout[-2000:]}"
+        assert len(lines) == 1, f"{name}: expected one line on stderr, got:\n{stderr}"
+        assert lines[0].startswith("lora-lightning: error: "), f"{name}: {lines[0]}"
+        for word in CASES[name][1]:
+            assert word in lines[0], f"{name}: {word!r} not in {lines[0]!r}"
+        assert not run_dir.exists(), f"{name}: left {sorted(p.name for p in run_dir.rglob('*'))}"
+    assert not cache.exists() or not any(cache.iterdir()), "no base model may be built for a bad input"
+
+
+def test_full_trace_with_hydra_full_error(tmp_path: Path) -> None:
+    env = {**app_env(tmp_path / "cache"), "HYDRA_FULL_ERROR": "1"}
+    proc = start_cli(["lora.r=0", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path / "cache", tmp_path, env=env)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "Traceback (most recent call last)" in stderr
+    assert "r must be a positive integer, got 0" in stderr
+
+
+@pytest.mark.parametrize("help_flag", ["--help"])
+def test_help_lists_the_config_groups(tmp_path: Path, help_flag: str) -> None:
+    proc = start_cli([help_flag], tmp_path / "cache", tmp_path)
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    for group in (
+        "model: hf, tiny_gpt2, tiny_llama",
+        "rank: r16, r32, r4, r64, r8",
+        "targets: all_linear, attention, mlp, qv",
+    ):
+        assert group in stdout

@@ -1,6 +1,6 @@
 """The ``lora-lightning`` command: a Hydra app that fine-tunes a causal LM with LoRA.
 
-``lora-lightning`` runs the default job (tiny Llama, rank 8, q/v targets, stdlib code);
+``lora-lightning`` runs the default job (tiny Llama, rank 8, all linear layers, stdlib code);
 ``lora-lightning -m rank=r4,r8 targets=qv,all_linear`` sweeps. The configs are found inside the
 installed package (``lora_lightning/conf``, put there by the wheel build) or, in a source checkout,
 in the repository's top-level ``conf/``.

@@ -54,6 +54,19 @@ def test_bad_input_one_line_no_output(tmp_path: Path) -> None:
     assert not cache.exists() or not any(cache.iterdir()), "no base model may be built for a bad input"
 
 
+def test_a_user_directory_keeps_its_own_files_after_a_bad_input(tmp_path: Path) -> None:
+    """hydra.run.dir may be a directory of the user's: only Hydra's own files are taken back."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.log").write_text("my notes")
+    (mine / "data.txt").write_text("my data")
+    proc = start_cli(["lora.r=0", f"hydra.run.dir={mine}"], tmp_path / "cache", tmp_path)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "r must be a positive integer" in stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["data.txt", "notes.log"]
+    assert (mine / "notes.log").read_text() == "my notes"
+
+
 def test_full_trace_with_hydra_full_error(tmp_path: Path) -> None:
     env = {**app_env(tmp_path / "cache"), "HYDRA_FULL_ERROR": "1"}
     proc = start_cli(["lora.r=0", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path / "cache", tmp_path, env=env)

@@ -84,10 +84,16 @@ def remove_job_bookkeeping(output_dir: Path) -> None:
     if not output_dir.is_dir():
         return
     shutil.rmtree(output_dir / ".hydra", ignore_errors=True)
-    for log in output_dir.glob("*.log"):
-        log.unlink(missing_ok=True)
+    (output_dir / f"{_job_name()}.log").unlink(missing_ok=True)  # Hydra's log only, never the user's
     with contextlib.suppress(OSError):
         output_dir.rmdir()  # only succeeds when empty
+
+
+def _job_name() -> str:
+    """Hydra's job name, which names the job's log file (``<name>.log``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return str(HydraConfig.get().job.name) if HydraConfig.initialized() else "main"
 
 
 @contextlib.contextmanager

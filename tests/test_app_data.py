@@ -87,3 +87,36 @@ def test_too_little_data_is_a_clear_error(tmp_path: Path, tokenizer) -> None:
     data = TokenBlockDataModule(TextFiles(train=[str(tmp_path / "tiny.txt")]), tokenizer=tokenizer, block_size=64)
     with pytest.raises(UsageError, match="fewer than one batch"):
         data.setup()
+
+
+def test_hf_dataset_through_the_datasets_library_on_local_files(tmp_path: Path, tokenizer, monkeypatch) -> None:
+    """data=hf_dataset for real: datasets.load_dataset with the json builder over local files, offline."""
+    pytest.importorskip("datasets", reason="the datasets extra is installed by the test extra in CI")
+    from lora_lightning.app.data import HFDataset
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text("".join(f'{{"body": "train doc {i} " , "n": {i}}}\n' for i in range(40)))
+    val.write_text('{"body": "held out one", "n": 0}\n{"body": "  ", "n": 1}\n{"body": "held out two", "n": 2}\n')
+    files = {"train": str(train), "validation": str(val)}
+
+    source = HFDataset(path="json", data_files=files, text_field="body")
+    source.check()
+    assert list(source.documents("val")) == ["held out one", "held out two"]  # blank rows skipped
+    assert len(list(source.documents("train"))) == 40
+
+    # no validation split: a deterministic share of train is held out, disjoint from the rest
+    held = HFDataset(
+        path="json", data_files={"train": str(train)}, val_split=None, val_fraction=0.25, text_field="body"
+    )
+    first, again = list(held.documents("val")), list(held.documents("val"))
+    rest = list(held.documents("train"))
+    assert first == again and first and not set(first) & set(rest) and len(first) + len(rest) == 40
+
+    data = TokenBlockDataModule(source, tokenizer=tokenizer, block_size=8, batch_size=2)
+    data.setup()
+    assert next(iter(data.val_dataloader()))["input_ids"].shape[1] == 8
+
+    with pytest.raises(UsageError, match=r"data.source.text_field='text' is not a column of datasets:json.*body"):
+        list(HFDataset(path="json", data_files=files).documents("train"))

@@ -93,9 +93,19 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 # -- atomic directories --------------------------------------------------------------------------------
 
 
-def _check_destination(target: Path) -> None:
+def _check_destination(target: Path, marker: tuple[str, ...] = ()) -> None:
+    """A destination may be new, or a directory this kind of write made before (it holds a marker file).
+
+    Any other non-empty directory is refused: replacing it would delete files that are not ours.
+    """
     if target.exists() and not target.is_dir():
         raise ValueError(f"directory {str(target)!r} exists and is not a directory; pick another path")
+    if marker and target.is_dir() and any(target.iterdir()) and not any((target / m).is_file() for m in marker):
+        entries = sorted(p.name for p in target.iterdir())[:5]
+        raise ValueError(
+            f"directory {str(target)!r} is not empty and holds no {' or '.join(marker)} ({entries}); "
+            "writing here would replace it as a whole: pick a new or empty directory"
+        )
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -197,7 +207,7 @@ def save_adapter(
         The directory.
     """
     target = Path(directory)
-    _check_destination(target)
+    _check_destination(target, (pf.CONFIG_NAME,))
     _, root, config = _adapted_root(model)
     layers = lora_layers(root)
     embeddings = {name for name, layer in layers.items() if isinstance(layer, LoRAEmbedding)}
@@ -286,14 +296,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, trainable: b
         The :class:`LoRAReport` of the injection.
     """
     path = Path(directory)
-    data, tensors, metadata = _read_adapter_files(path)
-    source = str(path / pf.CONFIG_NAME)
     existing = lora_layers(model)
     if existing:
         raise ValueError(
             f"model already carries LoRA adapters on {len(existing)} module(s); load {str(path)!r} into a model "
             "without adapters (call merge_and_unload(model) first to keep the current ones merged)"
         )
+    data, tensors, metadata = _read_adapter_files(path)
+    source = str(path / pf.CONFIG_NAME)
     config = choose_config(model, data, metadata, source)
     plan = plan_load(model, config, tensors, str(path / pf.WEIGHTS_NAME))
     config = with_file_dtype(config, plan, model)
@@ -354,7 +364,7 @@ def export_merged(
         The directory.
     """
     target = Path(directory)
-    _check_destination(target)
+    _check_destination(target, ("config.json", MERGED_WEIGHTS_NAME))
     if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
         raise TypeError(f"tokenizer must have a save_pretrained(directory) method, got {type(tokenizer).__name__}")
     # A model without LoRA layers (merged and unloaded already) is written as it is: no copy needed.

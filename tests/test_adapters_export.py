@@ -191,3 +191,22 @@ def test_crash_mid_export_leaves_the_previous_export(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         export_merged(plain, target)
     assert [p.name for p in tmp_path.iterdir()] == ["merged"] and _files(target) == previous
+
+
+def test_a_directory_that_is_not_ours_is_never_replaced(tmp_path):
+    """save_adapter / export_merged replace a previous adapter or export, never a user's directory."""
+    model = _adapted(tiny_llama(), LoRAConfig(r=2, target_modules=["q_proj"]))
+    mine = tmp_path / "experiment"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(
+        ValueError, match=r"'.*experiment' is not empty and holds no adapter_config.json \(\['notes.txt'\]\)"
+    ):
+        save_adapter(model, mine)
+    with pytest.raises(ValueError, match="holds no config.json or model.safetensors"):
+        export_merged(model, mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    # an empty directory, or one holding a previous adapter, is fine
+    save_adapter(model, tmp_path / "empty_ok")
+    save_adapter(model, tmp_path / "empty_ok")
+    assert (tmp_path / "empty_ok" / "adapter_config.json").is_file()

@@ -120,3 +120,59 @@ def test_hf_dataset_through_the_datasets_library_on_local_files(tmp_path: Path, 
 
     with pytest.raises(UsageError, match=r"data.source.text_field='text' is not a column of datasets:json.*body"):
         list(HFDataset(path="json", data_files=files).documents("train"))
+
+
+def test_a_single_file_with_no_held_out_part_is_refused_before_training(tmp_path: Path, tokenizer) -> None:
+    (tmp_path / "book.txt").write_text("the quick brown fox " * 400)
+    data = TokenBlockDataModule(
+        TextFiles(train=[str(tmp_path / "book.txt")], val_fraction=0.0),
+        tokenizer=tokenizer,
+        block_size=16,
+        batch_size=2,
+    )
+    data.setup()
+    with pytest.raises(UsageError, match=r"gives no validation block of 16 tokens; hold out more data"):
+        data.check_validation()
+
+
+def test_text_file_split_does_not_depend_on_where_the_corpus_lives(tmp_path: Path) -> None:
+    lines = "".join(f'{{"text": "document {i}"}}\n' for i in range(60))
+    for folder in ("here", "there/deeper"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "corpus.jsonl").write_text(lines)
+    here = TextFiles(train=[str(tmp_path / "here" / "corpus.jsonl")], val_fraction=0.2)
+    there = TextFiles(train=[str(tmp_path / "there" / "deeper" / "corpus.jsonl")], val_fraction=0.2)
+    assert list(here.documents("val")) == list(there.documents("val"))
+    assert 0 < len(list(here.documents("val"))) < 60
+
+
+def test_building_a_base_leaves_the_callers_random_state_alone(tmp_path: Path) -> None:
+    """A cache miss must not reseed the job: the same seed gives the same numbers with or without a build."""
+    from lora_lightning.app.pretrain import ensure_base
+
+    spec = {
+        "architecture": {
+            "model_type": "llama",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 64,
+        },
+        "tokenizer": {"vocab_size": 300},
+        "pretrain": {
+            "steps": 2,
+            "batch_size": 2,
+            "block_size": 32,
+            "lr": 1e-3,
+            "warmup_steps": 1,
+            "weight_decay": 0.0,
+            "seed": 0,
+        },
+    }
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    ensure_base("seedcheck", cache_dir=tmp_path, **spec)
+    assert torch.equal(torch.rand(3), expected)

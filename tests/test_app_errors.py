@@ -29,6 +29,10 @@ CASES = {
     "malformed jsonl": (["data=text_files", "data.source.train=[{bad}]"], ["line 2", "'text'"]),
     "bad override key": (["lora.rank=4"], ["lora.rank"]),
     "unknown monitor": (["monitor=val/acc"], ["monitor must be one of val/loss, val/ppl", "val/acc"]),
+    "bad logger mode": (["logger.mode=onlin"], ["logger.mode must be one of offline, online, disabled", "onlin"]),
+    "zero learning rate": (["optim.lr=0"], ["optim.lr must be a positive number, got 0"]),
+    "zero LoRA+ ratio": (["optim.lr_ratio_B=0"], ["lr_ratio_B must be a positive number, got 0"]),
+    "unknown optim key": (["+optim.lrr=1"], ["optim.lrr is not an option", "lr, weight_decay"]),
 }
 
 

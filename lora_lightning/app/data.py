@@ -203,7 +203,8 @@ class TextFiles:
             return
         for path in self.train:
             for index, text in enumerate(self._read(path)):
-                if split_of(f"{path}:{index}", self.val_fraction) == split:
+                # by file name and position, so the split is the same wherever the corpus lives
+                if split_of(f"{Path(path).name}:{index}", self.val_fraction) == split:
                     yield text
 
     def __repr__(self) -> str:
@@ -362,13 +363,21 @@ class TokenBlockDataModule(L.LightningDataModule):
             return  # the app sets up before fit (to score the base); Lightning calls again
         if self.tokenizer is None:
             raise ValueError("TokenBlockDataModule needs a tokenizer before setup")
-        self.source.check()
         self.train_blocks = pack(self.tokenizer, self.source.documents("train"), self.block_size, self.max_train_tokens)
         self.val_blocks = self._val_blocks()
         if len(self.train_blocks) < self.batch_size:
             raise UsageError(
                 f"data: {self.source!r} gives {len(self.train_blocks)} training blocks of {self.block_size} tokens, "
                 f"fewer than one batch of {self.batch_size}"
+            )
+
+    def check_validation(self) -> None:
+        """A job needs validation blocks (it scores and checkpoints by them): say so before training."""
+        if self.val_blocks is not None and len(self.val_blocks) == 0:
+            raise UsageError(
+                f"data: {self.source!r} gives no validation block of {self.block_size} tokens; hold out more "
+                "data (data.source.val=[...] for text files, or a larger data.source.val_fraction; a single "
+                "file falls wholly on one side of the split)"
             )
 
     def _val_blocks(self) -> torch.Tensor:

@@ -84,9 +84,25 @@ def remove_job_bookkeeping(output_dir: Path) -> None:
     if not output_dir.is_dir():
         return
     shutil.rmtree(output_dir / ".hydra", ignore_errors=True)
-    (output_dir / f"{_job_name()}.log").unlink(missing_ok=True)  # Hydra's log only, never the user's
+    log = output_dir / f"{_job_name()}.log"  # Hydra's log only, never the user's other files
+    before = _LOG_BYTES_AT_START.get(output_dir, 0)
+    if before and log.is_file():
+        os.truncate(log, before)  # Hydra appends: an earlier run's log in this directory stays
+    else:
+        log.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         output_dir.rmdir()  # only succeeds when empty
+
+
+# Size of the job log when the job started, by output dir: a job rerun into an existing run
+# directory appends to that run's log, and a failed input check takes back only its own lines.
+_LOG_BYTES_AT_START: dict[Path, int] = {}
+
+
+def job_started(output_dir: Path) -> None:
+    """Remember how much of the job log was there before this job (call first thing in a job)."""
+    log = output_dir / f"{_job_name()}.log"
+    _LOG_BYTES_AT_START[output_dir] = log.stat().st_size if log.is_file() else 0
 
 
 def _job_name() -> str:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import lightning as L
 import torch
@@ -11,6 +12,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.text import Perplexity
+
+OPTIM_KEYS = ("lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio")
+
+
+def check_optim(optim: Mapping[str, Any]) -> None:
+    """Validate the ``optim`` fields CausalLMModule takes, naming the field, the value and what is allowed."""
+    unknown = sorted(set(optim) - set(OPTIM_KEYS))
+    if unknown:
+        raise ValueError(f"optim.{unknown[0]} is not an option; optim takes {', '.join(OPTIM_KEYS)} and lr_ratio_B")
+    lr = optim.get("lr", 2e-3)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"optim.lr must be a positive number, got {lr!r}")
+    ratio = optim.get("min_lr_ratio", 0.1)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {ratio!r}")
+    warmup = optim.get("warmup_steps", 0)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"optim.warmup_steps must be a non-negative integer, got {warmup!r}")
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
@@ -57,10 +76,7 @@ class CausalLMModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
     ) -> None:
         super().__init__()
-        if not lr > 0:
-            raise ValueError(f"optim.lr must be positive, got {lr!r}")
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+        check_optim({"lr": lr, "min_lr_ratio": min_lr_ratio, "warmup_steps": warmup_steps})
         self.model = model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
         self.tokenizer = tokenizer
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)

@@ -107,6 +107,7 @@ def ensure_base(
         A directory that ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load.
     """
     from filelock import FileLock
+    from lightning.pytorch.utilities.seed import isolate_rng
 
     _check_spec(architecture, pretrain)
     spec = {"architecture": dict(architecture), "tokenizer": dict(tokenizer), "pretrain": dict(pretrain)}
@@ -122,7 +123,8 @@ def ensure_base(
         staging = root / f".{target.name}.tmp-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         try:
-            _build(name, spec, staging)
+            with isolate_rng():  # the build seeds itself; the job's own seed must not depend on a cache miss
+                _build(name, spec, staging)
             os.replace(staging, target)  # atomic: a reader sees no entry or a complete one
         finally:
             shutil.rmtree(staging, ignore_errors=True)

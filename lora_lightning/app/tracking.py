@@ -33,18 +33,23 @@ def job_identity(default_name: str) -> tuple[str | None, str]:
     return group, name
 
 
+def check_logger(logger_cfg: DictConfig | None) -> None:
+    """The logger settings a user can get wrong, checked before any work starts."""
+    if logger_cfg and str(logger_cfg.get("_target_", "")).endswith("WandbLogger"):
+        mode = logger_cfg.get("mode", "offline")
+        if mode not in WANDB_MODES:
+            raise UsageError(f"logger.mode must be one of {', '.join(WANDB_MODES)}, got {mode!r}")
+
+
 def build_logger(logger_cfg: DictConfig | None, output_dir: Path, default_name: str) -> Logger | None:
     """Instantiate the configured logger (None for ``logger=none``), with W&B group and name filled in."""
     from hydra.utils import instantiate
 
     if not logger_cfg or logger_cfg.get("_target_") is None:
         return None
+    check_logger(logger_cfg)
     group, name = job_identity(default_name)
-    target = str(logger_cfg["_target_"])
-    if target.endswith("WandbLogger"):
-        mode = logger_cfg.get("mode", "offline")
-        if mode not in WANDB_MODES:
-            raise UsageError(f"logger.mode must be one of {', '.join(WANDB_MODES)}, got {mode!r}")
+    if str(logger_cfg["_target_"]).endswith("WandbLogger"):
         save_dir = Path(logger_cfg.get("save_dir") or output_dir)
         save_dir.mkdir(parents=True, exist_ok=True)
         # log_model here would upload Lightning checkpoints; the app logs the exported PEFT adapter

@@ -19,11 +19,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from lora_lightning.app.errors import UsageError, user_errors
+from lora_lightning.app.errors import UsageError, job_started, user_errors
 from lora_lightning.app.models import LoadedModel, check_name_or_path, resolve_targets
-from lora_lightning.app.module import CausalLMModule, evaluate_perplexity
+from lora_lightning.app.module import CausalLMModule, check_optim, evaluate_perplexity
 from lora_lightning.app.report import CONFIG_FILE, SUMMARY_FILE, print_recap, write_atomic, write_summary
-from lora_lightning.app.tracking import build_logger, finish, log_results, log_run_config
+from lora_lightning.app.tracking import build_logger, check_logger, finish, log_results, log_run_config
+from lora_lightning.callback import LoRACallback
 from lora_lightning.config import LoRAConfig
 from lora_lightning.inject import plan_targets
 
@@ -39,6 +40,11 @@ def lora_config_from(cfg: DictConfig) -> LoRAConfig:
         return LoRAConfig(target_modules=target_modules, **fields)
     except (ValueError, TypeError) as err:
         raise UsageError(f"lora: {err}") from err
+
+
+def optim_fields(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.optim`` as a plain dict (CausalLMModule's fields plus the callback's lr_ratio_B)."""
+    return dict(OmegaConf.to_container(cfg.optim, resolve=True))  # type: ignore[arg-type]
 
 
 def _metric(metrics: dict[str, Any], key: str) -> float | None:
@@ -107,36 +113,37 @@ def _prepare(cfg: DictConfig, output_dir: Path) -> tuple[LoRAConfig, Any, Loaded
         if cfg.monitor not in MONITORS:
             raise UsageError(f"monitor must be one of {', '.join(MONITORS)}, got {cfg.monitor!r}")
         lora_config = lora_config_from(cfg)
+        check_optim({k: v for k, v in optim_fields(cfg).items() if k != "lr_ratio_B"})
+        LoRACallback(lora_config, lr_ratio_B=optim_fields(cfg).get("lr_ratio_B", 1.0))  # validates the ratio
+        check_logger(cfg.get("logger"))
         if cfg.model.get("name_or_path") is not None:
             check_name_or_path(cfg.model.name_or_path)
         datamodule = instantiate(cfg.data, _convert_="all")
         datamodule.source.check()
-    L.seed_everything(cfg.seed, verbose=False)
     with user_errors(output_dir):
         loaded: LoadedModel = instantiate(cfg.model, _convert_="all")
         plan_targets(loaded.model, lora_config)  # names that match nothing fail here, not mid-fit
         datamodule.tokenizer = loaded.tokenizer
         datamodule.setup("fit")
+        datamodule.check_validation()
+    # After the base is loaded: building a base on a cache miss must not change the job's RNG.
+    L.seed_everything(cfg.seed, verbose=False)
     return lora_config, datamodule, loaded
 
 
 def run(cfg: DictConfig) -> float:
     """Run one job; returns the value of ``cfg.monitor`` after training (what a sweeper minimises)."""
-    from lora_lightning import LoRACallback
-
     start = time.perf_counter()
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
+    job_started(output_dir)
     lora_config, datamodule, loaded = _prepare(cfg, output_dir)
     timings = {"prepare_s": time.perf_counter() - start}  # base (built on first use), data
 
-    rank_zero_only(write_atomic)(output_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     choices = hydra_cfg.runtime.choices
-    logger = build_logger(cfg.get("logger"), output_dir, f"{choices.model}-{choices.rank}-{choices.targets}")
-    failed = True
-    try:
-        log_run_config(logger, cfg)
-        optim = dict(OmegaConf.to_container(cfg.optim, resolve=True))  # type: ignore[arg-type]
+    with user_errors(output_dir):  # the last input checks (logger mode, optim values): still one line
+        logger = build_logger(cfg.get("logger"), output_dir, f"{choices.model}-{choices.rank}-{choices.targets}")
+        optim = optim_fields(cfg)
         lr_ratio_B = optim.pop("lr_ratio_B", 1.0)
         module = CausalLMModule(loaded.model, loaded.tokenizer, **optim)
         lora = LoRACallback(
@@ -149,6 +156,10 @@ def run(cfg: DictConfig) -> float:
             base_model_name_or_path=loaded.name_or_path,
         )
         trainer = _trainer(cfg, output_dir, logger, lora)
+    rank_zero_only(write_atomic)(output_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+    failed = True
+    try:
+        log_run_config(logger, cfg)
         mark = time.perf_counter()
         before = _validate(trainer, module, datamodule) if cfg.eval_base else {}
         timings["base_eval_s"], mark = time.perf_counter() - mark, time.perf_counter()

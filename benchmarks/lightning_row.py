@@ -21,8 +21,6 @@ from shapes import RANK, TARGETS, Shape
 
 from lora_lightning import LoRAConfig, inject_lora
 
-NOT_LANDED = "not measured: lora_lightning/callback.py (LoRACallback) cannot be imported in this checkout"
-
 
 def _config() -> LoRAConfig:
     return LoRAConfig(r=RANK, alpha=RANK, target_modules=TARGETS)
@@ -118,10 +116,6 @@ def lightning_overhead(
 ) -> str:
     """The Lightning row: hand loop vs Trainer + LoRACallback, alternating, median over rounds."""
     header = f"== Lightning overhead ({shape.note}, {shape.tokens} tokens, {device.type}), ms/step =="
-    try:
-        import lora_lightning.callback  # noqa: F401
-    except ImportError:
-        return f"{header}\n{NOT_LANDED}"
     try:
         hand, fit = [], []
         with warnings.catch_warnings():

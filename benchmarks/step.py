@@ -319,9 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             rows[size] = cpu_rows(size, chosen, args.threads, warmup, steps, dtype, log, progress)
 
     if not args.no_checks:
-        merge_shape = SIZES["8b" if all_gpu and cuda else sizes[-1]]
         if not over_budget("merge timing"):
-            log(checks.merge_timing(merge_shape, device, dtype, repeats=3))
+            log(checks.merge_timing(SIZES[sizes[-1]], device, dtype, repeats=3))
         if not over_budget("layer timing"):
             log(checks.layer_timing(SIZES[sizes[-1]], device, dtype))
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ class LoadedModel:
     tokenizer: Any
     name: str
     name_or_path: str
-    target_roles: dict[str, list[str] | str | None] = field(default_factory=dict)
 
 
 def resolve_targets(
@@ -114,7 +113,9 @@ def pretrained(
         torch_dtype: "auto" (the checkpoint's dtype), "float32", "bfloat16", "float16".
         trust_remote_code: run code shipped with the checkpoint; off unless asked for.
         attn_implementation: "eager", "sdpa", "flash_attention_2"; None lets transformers choose.
-        target_roles: role -> module names for ``lora.targets``.
+        target_roles: role -> module names for ``lora.targets``; read from the config by the job
+            (:func:`resolve_targets`, before the model loads), accepted here because the model
+            group's config carries it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -125,7 +126,8 @@ def pretrained(
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **common, **_dtype_kwargs(torch_dtype), **extra)
     if tokenizer.pad_token is None:  # padding is never used for packed blocks, but generate() wants one
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, name, str(name_or_path), dict(target_roles or {}))
+    del target_roles
+    return LoadedModel(model, tokenizer, name, str(name_or_path))
 
 
 def tiny_pretrained(

@@ -15,6 +15,22 @@ import torch
 from torch import Tensor
 
 
+def _scaled(t: Tensor, scale: float) -> Tensor:
+    """``t * scale`` in place; no kernel for the common ``scale == 1`` (multiplying by 1 is exact)."""
+    return t if scale == 1.0 else t.mul_(scale)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes linears in on ``device_type``, or None when autocast is off there.
+
+    Device types autocast does not know (``meta``) have it off, rather than raising as
+    ``torch.is_autocast_enabled`` does for them.
+    """
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """Autograd function for the adapted linear; see :func:`lora_linear` for the contract."""
 
@@ -69,16 +85,16 @@ class LoRALinearFunction(torch.autograd.Function):
                 dx.addmm_(gB, A, alpha=scale)  # + scale * (g B) A, fused into the epilogue
             dx = dx.view(*grad_out.shape[:-1], dx.shape[-1])
         if need_xl:
-            dxl = torch.mm(gB, A).mul_(scale).view(*grad_out.shape[:-1], A.shape[-1])
+            dxl = _scaled(torch.mm(gB, A), scale).view(*grad_out.shape[:-1], A.shape[-1])
         if need_w:
             dw = g.t() @ x2  # (out, in)
         if need_b:
             db = g.sum(0).to(ctx.bias_dtype)
         if need_a:
             source = xl2 if ctx.has_x_lora else x2
-            dA = (gB.t() @ source).mul_(scale).to(ctx.factor_dtypes[0])  # (r, in)
+            dA = _scaled(gB.t() @ source, scale).to(ctx.factor_dtypes[0])  # (r, in)
         if need_bb:
-            dB = (g.t() @ xa).mul_(scale).to(ctx.factor_dtypes[1])  # (out, r)
+            dB = _scaled(g.t() @ xa, scale).to(ctx.factor_dtypes[1])  # (out, r)
         return dx, dw, db, dA, dB, None, dxl
 
 
@@ -120,3 +136,116 @@ def lora_linear_reference(
     """The same formula in plain autograd: the reference the fused function is tested against."""
     x_lora = x if x_lora is None else x_lora
     return torch.nn.functional.linear(x, weight, bias) + scale * (x_lora @ lora_A.t()) @ lora_B.t()
+
+
+class SharedInputLoRAFunction(torch.autograd.Function):
+    """Several adapted linears that read the same input, as one autograd node.
+
+    ``out_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T`` for every member ``i``. Computed one by one,
+    each member's backward reads ``x`` for its ``dA_i``, adds its own ``(g_i B_i) A_i`` into its own
+    ``dx_i``, and autograd then adds the members' ``dx_i`` together (each add another pass over
+    ``dx``). Here backward stacks the members' ``g_i B_i`` and ``A_i``: ``dA`` for all members is
+    one GEMM (one pass over ``x``), and every member's share of ``dx``, base and adapter,
+    accumulates into one buffer through ``addmm_`` epilogues.
+
+    Forward keeps one ``x A_i^T`` per member, each computed exactly as :class:`LoRALinearFunction`
+    computes it, and a member whose output goes unused costs no backward work: so the members
+    that are used get the same numbers whichever other layers the group was speculatively
+    computed with (see :mod:`lora_lightning.sharing`), and a group of one used member gets
+    bit for bit what :class:`LoRALinearFunction` gets.
+
+    Inputs after ``x`` and ``scales``: ``weight, bias, lora_A, lora_B`` of every member, flattened.
+    Returns one output per member.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scales: tuple[float, ...], *params: Tensor | None):  # type: ignore[override]
+        n = len(scales)
+        weights, biases, As, Bs = (params[k::4] for k in range(4))
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        Ac = [a.to(x.dtype) for a in As]  # (r_i, in): casting the small factors, never the activations
+        Bc = [b.to(x.dtype) for b in Bs]  # (out_i, r_i)
+        xas = []
+        outs = []
+        for i in range(n):
+            xa = x2 @ Ac[i].t()  # (N, r_i)
+            out = torch.addmm(biases[i], x2, weights[i].t()) if biases[i] is not None else x2 @ weights[i].t()
+            out.addmm_(xa, Bc[i].t(), alpha=scales[i])
+            xas.append(xa)
+            outs.append(out.view(*x.shape[:-1], out.shape[-1]))
+
+        train_w = any(w.requires_grad for w in weights)
+        train_a = any(a.requires_grad for a in As)
+        ctx.save_for_backward(x2 if (train_w or train_a) else None, *weights, *Ac, *Bc, *xas)
+        ctx.set_materialize_grads(False)
+        ctx.n, ctx.scales = n, scales
+        ctx.factor_dtypes = [(a.dtype, b.dtype) for a, b in zip(As, Bs, strict=True)]
+        ctx.bias_dtypes = [None if b is None else b.dtype for b in biases]
+        ctx.in_shape = x.shape
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None):  # type: ignore[override]
+        n, scales = ctx.n, ctx.scales
+        x2, *rest = ctx.saved_tensors
+        weights, Ac, Bc, xas = (rest[k * n : (k + 1) * n] for k in range(4))
+        need = ctx.needs_input_grad
+        need_x = need[0]
+        need_w, need_b, need_a, need_bb = (need[2 + k :: 4] for k in range(4))
+
+        dx = None
+        dparams: list[Tensor | None] = [None] * (4 * n)
+        used: list[int] = []  # members whose g_i B_i enters dx or dA
+        gBs: list[Tensor] = []  # g_i B_i, (N, r_i)
+        for i, grad in enumerate(grads):
+            if grad is None:  # this output was not used: nothing flows back through it
+                continue
+            g = grad.reshape(-1, grad.shape[-1])  # (N, out_i)
+            if need_x:
+                dx = g @ weights[i] if dx is None else dx.addmm_(g, weights[i])
+            if need_x or need_a[i]:
+                gBs.append(g @ Bc[i])
+                used.append(i)
+            if need_w[i]:
+                dparams[4 * i] = g.t() @ x2
+            if need_b[i]:
+                dparams[4 * i + 1] = g.sum(0).to(ctx.bias_dtypes[i])
+            if need_bb[i]:
+                dparams[4 * i + 3] = _scaled(g.t() @ xas[i], scales[i]).to(ctx.factor_dtypes[i][1])
+
+        if used:
+            if len({scales[i] for i in used}) == 1:  # one scale: it rides in the epilogue, as alone
+                scale = scales[used[0]]
+            else:  # rank / alpha patterns: each member's scale goes into its (small) g_i B_i
+                gBs = [gB.mul_(scales[i]) for gB, i in zip(gBs, used, strict=True)]
+                scale = 1.0
+            gB = torch.cat(gBs, dim=1) if len(gBs) > 1 else gBs[0]  # (N, R)
+            A = torch.cat([Ac[i] for i in used]) if len(used) > 1 else Ac[used[0]]  # (R, in)
+            if need_x:
+                dx.addmm_(gB, A, alpha=scale)  # every member's adapter share of dx in one GEMM
+            if any(need_a[i] for i in used):
+                dA = _scaled(gB.t() @ x2, scale)  # (R, in): one pass over x for every member's dA
+                offset = 0
+                for i in used:
+                    rank = Ac[i].shape[0]
+                    if need_a[i]:
+                        dparams[4 * i + 2] = dA[offset : offset + rank].to(ctx.factor_dtypes[i][0])
+                    offset += rank
+        if dx is not None:
+            dx = dx.view(ctx.in_shape)
+        return (dx, None, *dparams)
+
+
+def shared_input_lora_linear(
+    x: Tensor,
+    members: list[tuple[Tensor, Tensor | None, Tensor, Tensor, float]],
+) -> tuple[Tensor, ...]:
+    """``x W_i^T + b_i + s_i (x A_i^T) B_i^T`` for each ``(W_i, b_i, A_i, B_i, s_i)`` in ``members``.
+
+    Same contract per member as :func:`lora_linear` (without a separate adapter input); the
+    members share ``x`` and are computed as one autograd node (:class:`SharedInputLoRAFunction`).
+    """
+    flat: list[Tensor | None] = []
+    for weight, bias, lora_A, lora_B, _ in members:
+        flat += [weight, bias, lora_A, lora_B]
+    return SharedInputLoRAFunction.apply(x, tuple(m[4] for m in members), *flat)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lora_lightning.kernels import lora_linear
+from lora_lightning.kernels import autocast_dtype, lora_linear
 
 
 def conv1d_class() -> type | None:
@@ -138,6 +139,9 @@ class LoRALinear(_LoRABase):
         dtype: dtype of A and B; None = the base weight's dtype.
     """
 
+    #: the group of layers reading the same input this layer is computed with (lora_lightning.sharing)
+    _shared_input: Callable[[LoRALinear, Tensor], Tensor | None] | None = None
+
     def __init__(
         self,
         base_layer: nn.Module,
@@ -182,13 +186,17 @@ class LoRALinear(_LoRABase):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base_layer(x)
+        if self._shared_input is not None and not torch.compiler.is_compiling():  # lora_lightning.sharing
+            out = self._shared_input(self, x)
+            if out is not None:
+                return out
         weight, bias = self.base_weight(), self.base_layer.bias
         x_lora = self.lora_dropout(x) if self.training and isinstance(self.lora_dropout, nn.Dropout) else None
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
+        dtype = autocast_dtype(device_type)
+        if dtype is not None:
             # Do what autocast does for F.linear (cast input, weight, bias to the autocast dtype),
             # then run the fused function with autocast off so every GEMM sees one dtype.
-            dtype = torch.get_autocast_dtype(device_type)
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
             x_lora = x_lora.to(dtype) if x_lora is not None else None

@@ -239,3 +239,20 @@ def test_merge_in_bf16_is_the_once_rounded_exact_sum(factor_dtype):
     assert (got != want).float().mean() <= 1e-3  # and almost always exactly the once-rounded sum
     double_rounded = base.weight + (layer.scale * layer.lora_B.float() @ layer.lora_A.float()).to(torch.bfloat16)
     assert (double_rounded != want).float().mean() > 0.05  # the check can tell the difference
+
+
+def test_adapted_model_runs_forward_and_backward_on_the_meta_device():
+    """Autocast does not know the meta device; the layers must not ask it (benchmarks/traffic.py relies on this)."""
+    from lora_lightning import LoRAConfig, inject_lora
+    from tests.models import tiny_llama
+
+    with torch.device("meta"):
+        model = tiny_llama()
+    inject_lora(model, LoRAConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]))
+    ids = torch.zeros(2, 8, dtype=torch.long, device="meta")
+    for _ in range(2):  # the second forward runs the settled groups of layers reading one input
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+    assert out.logits.shape == (2, 8, model.config.vocab_size) and out.logits.device.type == "meta"
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A.grad.shape == layer.lora_A.shape and layer.lora_A.grad.device.type == "meta"

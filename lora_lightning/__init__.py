@@ -12,6 +12,7 @@ from lora_lightning.config import LoRAConfig
 from lora_lightning.inject import LoRAReport, ParameterSummary, get_lora_config, inject_lora, parameter_summary
 from lora_lightning.layers import LoRAEmbedding, LoRALinear
 from lora_lightning.merge import merge_and_unload, merge_lora, unmerge_lora
+from lora_lightning.sharing import share_inputs
 
 __version__ = "0.1.0"
 
@@ -52,5 +53,6 @@ __all__ = [
     "merge_lora",
     "parameter_summary",
     "save_adapter",
+    "share_inputs",
     "unmerge_lora",
 ]

@@ -14,6 +14,7 @@ from torch import nn
 
 from lora_lightning.config import LoRAConfig, layer_index
 from lora_lightning.layers import LoRAEmbedding, LoRALinear, is_conv1d, is_linear_like, is_lora_layer
+from lora_lightning.sharing import share_inputs
 
 # Top-level children that are output heads by convention; "all-linear" leaves them alone.
 HEAD_NAMES = frozenset({"lm_head", "score", "classifier", "qa_outputs", "cls"})
@@ -344,6 +345,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> LoRAReport:
         )
     setattr(model, _CONFIG_ATTR, config)
     mark_trainable(model, config)
+    share_inputs(model)
     return lora_report(model, config)
 
 

@@ -1,0 +1,472 @@
+"""Adapted linears that read the same tensor are computed as one node (lora_lightning.sharing).
+
+The references: the plain formula in float64 (gradcheck and the reference function), and the same
+model with grouping turned off (``share_inputs(model, False)``), whose every layer runs the
+single-layer kernel the rest of the suite holds to PEFT.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from lora_lightning import LoRAConfig, inject_lora, merge_lora
+from lora_lightning.inject import lora_layers
+from lora_lightning.kernels import lora_linear, lora_linear_reference, shared_input_lora_linear
+from lora_lightning.layers import LoRALinear
+from lora_lightning.sharing import input_groups, share_inputs
+from tests.models import tiny_bert, tiny_llama, token_ids
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _members(dtype=torch.float64, freeze_A=False):
+    """Three members reading a 7-wide input: different outputs, ranks, scales, with and without bias."""
+    torch.manual_seed(0)
+    members = []
+    for out, r, bias, scale in [(6, 3, True, 0.5), (4, 2, False, 2.0), (9, 4, True, 1.0)]:
+        weight = torch.randn(out, 7, dtype=dtype, requires_grad=True)
+        b = torch.randn(out, dtype=dtype, requires_grad=True) if bias else None
+        lora_A = torch.randn(r, 7, dtype=dtype, requires_grad=not freeze_A)
+        lora_B = torch.randn(out, r, dtype=dtype, requires_grad=True)
+        members.append((weight, b, lora_A, lora_B, scale))
+    return members
+
+
+def test_grouped_function_gradcheck_float64():
+    members = _members()
+    x = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    flat = [t for m in members for t in m[:4]]
+
+    def grouped(x, *flat):
+        rebuilt = [(*flat[4 * i : 4 * i + 4], members[i][4]) for i in range(len(members))]
+        return shared_input_lora_linear(x, rebuilt)
+
+    assert torch.autograd.gradcheck(grouped, (x, *flat))
+
+
+@pytest.mark.parametrize("freeze_A", [False, True])
+def test_grouped_equals_reference_when_some_outputs_are_unused(freeze_A):
+    members = _members(freeze_A=freeze_A)
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    inputs = [x] + [t for m in members for t in m[:4] if t is not None and t.requires_grad]
+
+    def loss(outputs):
+        return outputs[0].square().sum() + (outputs[2] * torch.linspace(-1, 1, 9, dtype=torch.float64)).sum()
+
+    got_out = shared_input_lora_linear(x, members)
+    want_out = [lora_linear_reference(x, *m) for m in members]
+    for got, want in zip(got_out, want_out, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad(loss(got_out), inputs, allow_unused=True)
+    want = torch.autograd.grad(loss(want_out), inputs, allow_unused=True)
+    for g, w in zip(got, want, strict=True):
+        if w is None:  # the unused member's parameters: no gradient from either
+            assert g is None
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    assert sum(g is None for g in got) == (2 if freeze_A else 3)  # member 1's W and B (and A)
+
+
+def _saved_bytes(fn) -> int:
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("freeze_A", [False, True])
+def test_group_saves_its_input_once_and_x_at_once(freeze_A):
+    """Saved: x (unless A is frozen), x [A_1; A_2; A_3]^T (N x R), and the weights and factors."""
+    members = [
+        (w.detach(), b, a.detach().requires_grad_(not freeze_A), bb.detach().requires_grad_(), s)
+        for w, b, a, bb, s in _members(torch.float32)
+    ]
+    x = torch.randn(64, 7, requires_grad=True)
+    params = sum(m[0].numel() + m[3].numel() for m in members) + sum(m[2].numel() for m in members)
+    ranks = sum(m[2].shape[0] for m in members)
+    expected = (0 if freeze_A else x.numel()) + 64 * ranks + params
+    assert _saved_bytes(lambda: shared_input_lora_linear(x, members)) == 4 * expected
+
+
+def _adapted_llama(**config):
+    model = tiny_llama(layers=2)
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=TARGETS, **config))
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(std=0.1)  # nonzero: both factors and the input get gradients
+    return model.train()
+
+
+def _step(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same_step(model, twin, ids, rtol=1e-5, atol=1e-6):
+    logits, grads = _step(model, ids)
+    logits_twin, grads_twin = _step(twin, ids)
+    torch.testing.assert_close(logits, logits_twin, rtol=rtol, atol=atol)
+    assert grads.keys() == grads_twin.keys() and len(grads) == 2 * 14
+    for name, grad in grads.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, grads_twin[name], rtol=rtol, atol=atol, msg=name)
+
+
+def _llama_groups(layers: int, with_o: bool) -> list[tuple[str, ...]]:
+    groups = []
+    for i in range(layers):
+        attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        qkv = tuple(f"{attn}.{p}_proj" for p in ("qkvo" if with_o else "qkv"))
+        groups += [qkv, (f"{mlp}.gate_proj", f"{mlp}.up_proj")]
+    return sorted(groups)
+
+
+def test_llama_settles_on_qkv_and_gate_up_and_matches_ungrouped():
+    model = _adapted_llama()
+    twin = copy.deepcopy(model)
+    share_inputs(twin, enabled=False)
+    ids = token_ids()
+    # Speculative: every module's adapted children of one input width (o_proj reads the hidden width too).
+    assert sorted(input_groups(model)) == _llama_groups(2, with_o=True)
+    _assert_same_step(model, twin, ids)
+    for _ in range(2):  # the next forward cuts o_proj off: it was called with another tensor
+        _assert_same_step(model, twin, ids)
+        assert sorted(input_groups(model)) == _llama_groups(2, with_o=False)
+    assert input_groups(twin) == []
+
+
+def test_speculative_and_settled_groups_give_the_same_bits():
+    """A step's numbers do not depend on whether the grouping had settled: a resumed run (whose
+    first forward is speculative) repeats the uninterrupted one (whose was not) exactly."""
+    settled = _adapted_llama()
+    speculative = copy.deepcopy(settled)
+    ids = token_ids()
+    settled(input_ids=ids)
+    for dtype in (torch.float32, torch.bfloat16):
+        for model in (settled, speculative):
+            model.to(dtype)
+        fresh = copy.deepcopy(speculative)  # copies start from the speculative groups
+        logits, grads = _step(settled, ids)
+        assert sorted(input_groups(settled)) == _llama_groups(2, with_o=False)
+        logits_fresh, grads_fresh = _step(fresh, ids)
+        assert sorted(input_groups(fresh)) == _llama_groups(2, with_o=True)  # (it settles on the next forward)
+        assert torch.equal(logits, logits_fresh)
+        for name, grad in grads.items():
+            assert torch.equal(grad, grads_fresh[name]), (dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_a_group_with_one_used_output_is_the_single_layer_kernel_bit_for_bit(dtype, with_bias):
+    torch.manual_seed(0)
+    layers = [LoRALinear(nn.Linear(32, out, bias=with_bias), r=4, alpha=12).to(dtype) for out in (24, 16)]
+    for layer in layers:
+        layer.base_layer.requires_grad_(False)
+        with torch.no_grad():
+            layer.lora_B.normal_()
+    x = torch.randn(3, 5, 32, dtype=dtype, requires_grad=True)
+    grad = torch.randn(3, 5, 16, dtype=dtype)
+    members = [(m.base_weight(), m.base_layer.bias, m.lora_A, m.lora_B, m.scale) for m in layers]
+    grouped = shared_input_lora_linear(x, members)[1]
+    got = torch.autograd.grad(grouped, [x, layers[1].lora_A, layers[1].lora_B], grad)
+    alone = lora_linear(x, *members[1])
+    want = torch.autograd.grad(alone, [x, layers[1].lora_A, layers[1].lora_B], grad)
+    assert torch.equal(grouped, alone)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
+def test_grouped_forward_runs_one_node_per_group():
+    """The q/k/v outputs come from one autograd node; o_proj, which reads another tensor, from its own."""
+    model = _adapted_llama()
+    ids = token_ids()
+    model(input_ids=ids)
+    outputs = {}
+
+    def keep(name):
+        return lambda module, args, out: outputs.__setitem__(name, out)
+
+    attn = model.model.layers[0].self_attn
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        getattr(attn, name).register_forward_hook(keep(name))
+    model(input_ids=ids)
+    nodes = {name: out.grad_fn for name, out in outputs.items()}
+    assert type(nodes["q_proj"]).__name__.startswith("SharedInputLoRAFunction")
+    assert nodes["q_proj"] is nodes["k_proj"] is nodes["v_proj"]
+    assert type(nodes["o_proj"]).__name__.startswith("LoRALinearFunction")
+
+
+class CrossAttention(nn.Module):
+    """q reads the decoder states, k and v the encoder's: only k and v share an input."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)
+
+    def forward(self, h: torch.Tensor, enc: torch.Tensor) -> torch.Tensor:
+        return self.q(h) + self.k(enc) * self.v(enc)
+
+
+def _adapted(module: nn.Module, targets: list[str]) -> nn.Module:
+    inject_lora(module, LoRAConfig(r=2, alpha=4, target_modules=targets))
+    with torch.no_grad():
+        for layer in lora_layers(module).values():
+            layer.lora_B.normal_()
+    return module
+
+
+def _grads_of(module: nn.Module, loss: torch.Tensor, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    params = [p for p in module.parameters() if p.requires_grad]
+    return list(torch.autograd.grad(loss, params + list(inputs)))
+
+
+def test_only_layers_seen_reading_the_same_tensor_are_grouped():
+    torch.manual_seed(0)
+    module = _adapted(CrossAttention(), ["q", "k", "v"])
+    twin = copy.deepcopy(module)
+    share_inputs(twin, enabled=False)
+    h, enc = torch.randn(3, 16, requires_grad=True), torch.randn(3, 16, requires_grad=True)
+    for _ in range(3):
+        out, out_twin = module(h, enc), twin(h, enc)
+        torch.testing.assert_close(out, out_twin)
+        for g, w in zip(_grads_of(module, out.sum(), h, enc), _grads_of(twin, out_twin.sum(), h, enc), strict=True):
+            torch.testing.assert_close(g, w)
+    assert input_groups(module) == [("k", "v")]
+
+
+class Attention(nn.Module):
+    """q, k, v on one tensor, unless told to give k and v another (as cached cross-attention might)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.q = nn.Linear(width, width)
+        self.k = nn.Linear(width, width)
+        self.v = nn.Linear(width, width)
+        self.kv_from: torch.Tensor | None = None
+        self.scale_in_place = False
+        self.only_q = False
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        q = self.q(h)
+        if self.only_q:
+            return q
+        if self.scale_in_place:
+            with torch.no_grad():
+                h.mul_(2.0)  # changes h after q read it: k and v must see the new values
+        kv = h if self.kv_from is None else self.kv_from
+        return q + self.k(kv) * self.v(kv)
+
+
+def _reference_output(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    twin = copy.deepcopy(module)
+    share_inputs(twin, enabled=False)
+    return twin(h.clone())
+
+
+def test_members_called_with_another_tensor_are_regrouped_by_what_they_read():
+    torch.manual_seed(0)
+    module = _adapted(Attention(), ["q", "k", "v"])
+    h = torch.randn(4, 16)
+    module(h), module(h)
+    assert input_groups(module) == [("q", "k", "v")]
+    module.kv_from = torch.randn(4, 16)  # from now on k and v read another tensor than q
+    want = _reference_output(module, h)
+    torch.testing.assert_close(module(h), want)  # k and v are computed together from their tensor
+    assert input_groups(module) == [("q", "k", "v")]  # regrouped when the next forward starts
+    torch.testing.assert_close(module(h), want)
+    assert input_groups(module) == [("k", "v")]
+    torch.testing.assert_close(module(h), want)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpointed_forwards_recompute_what_they_saved_through_every_change(use_reentrant):
+    """Speculative -> regrouped under activation checkpointing: the recomputation (inside
+    backward) must save the tensors its original forward saved, or checkpoint raises."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    module = _adapted(Attention(), ["q", "k", "v"])
+    twin = copy.deepcopy(module)
+    share_inputs(twin, enabled=False)
+    states = []
+    for step in range(6):
+        if step == 3:
+            module.kv_from = twin.kv_from = torch.randn(4, 16)
+        h = torch.randn(4, 16)
+        grads = []
+        for m, run in ((module, lambda x: checkpoint(module, x, use_reentrant=use_reentrant)), (twin, twin)):
+            m.zero_grad(set_to_none=True)
+            x = h.clone().requires_grad_(True)
+            run(x).square().sum().backward()  # (reentrant checkpoint refuses autograd.grad)
+            grads.append([p.grad for p in m.parameters() if p.requires_grad] + [x.grad])
+        for g, w in zip(*grads, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+        states.append(input_groups(module))
+    assert states == [[("q", "k", "v")]] * 4 + [[("k", "v")]] * 2  # regrouped when the 5th forward starts
+
+
+def test_an_input_changed_in_place_between_members_is_not_reused():
+    torch.manual_seed(0)
+    module = _adapted(Attention(), ["q", "k", "v"])
+    module(torch.randn(4, 16)), module(torch.randn(4, 16))
+    module.scale_in_place = True
+    h = torch.randn(4, 16)
+    want = _reference_output(module, h)
+    with torch.no_grad():
+        torch.testing.assert_close(module(h), want)
+
+
+def test_members_a_forward_never_called_leave_the_group():
+    torch.manual_seed(0)
+    module = _adapted(Attention(), ["q", "k", "v"])
+    module(torch.randn(4, 16)), module(torch.randn(4, 16))
+    group = module.q._shared_input
+    module.only_q = True
+    for _ in range(3):
+        h = torch.randn(4, 16)
+        torch.testing.assert_close(module(h), _reference_output(module, h))
+    assert input_groups(module) == [] and not group._pending  # nothing computed for k and v any more
+
+
+def test_dropout_in_training_runs_alone_and_eval_groups():
+    torch.manual_seed(0)
+    module = Attention()
+    inject_lora(module, LoRAConfig(r=2, target_modules=["q", "k", "v"], dropout=0.5))
+    h = torch.randn(4, 16)
+    module.train()
+    for _ in range(3):
+        out = module(h)
+        assert type(out.grad_fn).__name__ != "SharedInputLoRAFunctionBackward"
+    assert input_groups(module) == [("q", "k", "v")]  # forwards it could not run taught it nothing
+    module.eval()
+    module(h), module(h)
+    assert input_groups(module) == [("q", "k", "v")]
+    assert not module.q._shared_input._pending  # nothing kept from the training forward
+    torch.testing.assert_close(module(h), _reference_output(module, h))
+
+
+def test_merged_members_and_inference_mode_run_alone():
+    torch.manual_seed(0)
+    module = _adapted(Attention(), ["q", "k", "v"])
+    h = torch.randn(4, 16)
+    module(h), module(h)
+    with torch.inference_mode():
+        torch.testing.assert_close(module(h), _reference_output(module, h))
+    assert not module.q._shared_input._pending
+    want = module(h).detach()
+    merge_lora(module)
+    torch.testing.assert_close(module(h), want, rtol=1e-5, atol=1e-6)
+    assert not module.q._shared_input._pending
+
+
+def test_a_layer_reused_within_one_forward_is_grouped_per_call():
+    """ALBERT-style: one block applied several times per forward."""
+    torch.manual_seed(0)
+    block = _adapted(Attention(), ["q", "k", "v"])
+
+    def forward(h):
+        for _ in range(3):
+            h = torch.tanh(block(h))
+        return h
+
+    h = torch.randn(4, 16, requires_grad=True)
+    forward(h)
+    assert input_groups(block) == [("q", "k", "v")]
+    twin = copy.deepcopy(block)
+    share_inputs(twin, enabled=False)
+    out = forward(h)
+    grads = _grads_of(block, out.sum(), h)
+    h_twin = h.detach().clone().requires_grad_(True)
+    out_twin = h_twin
+    for _ in range(3):
+        out_twin = torch.tanh(twin(out_twin))
+    torch.testing.assert_close(out, out_twin)
+    for g, w in zip(grads, _grads_of(twin, out_twin.sum(), h_twin), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)  # float32, sums in another order
+
+
+def test_copies_and_pickles_start_clean_and_group_on_their_own():
+    torch.manual_seed(0)
+    module = _adapted(Attention(), ["q", "k", "v"])
+    module(torch.randn(4, 16)), module(torch.randn(4, 16))
+    module.only_q = True
+    module(torch.randn(4, 16, requires_grad=True))  # k's and v's outputs are now kept, with a graph
+    clone = copy.deepcopy(module)  # a kept non-leaf tensor would make deepcopy raise
+    restored = pickle.loads(pickle.dumps(module))
+    for copied in (clone, restored):
+        copied.only_q = False
+        assert copied.q._shared_input is not module.q._shared_input
+        assert copied.q._shared_input.members[1] is copied.k  # the copy's group holds the copy's layers
+        h = torch.randn(4, 16)
+        torch.testing.assert_close(copied(h), _reference_output(copied, h))
+
+
+def test_share_inputs_off_and_on_again():
+    model = _adapted_llama()
+    ids = token_ids()
+    model(input_ids=ids), model(input_ids=ids)
+    assert sorted(input_groups(model)) == _llama_groups(2, with_o=False)
+    assert share_inputs(model, enabled=False) == 0
+    model(input_ids=ids), model(input_ids=ids)
+    assert input_groups(model) == []
+    assert share_inputs(model) == 4  # the 2 attention and 2 MLP blocks, speculative again
+    assert sorted(input_groups(model)) == _llama_groups(2, with_o=True)
+    model(input_ids=ids), model(input_ids=ids)
+    assert sorted(input_groups(model)) == _llama_groups(2, with_o=False)
+
+
+def test_bert_groups_query_key_value():
+    model = tiny_bert()
+    inject_lora(model, LoRAConfig(r=4, target_modules=["query", "key", "value", "dense"]))
+    ids = token_ids()
+    model(input_ids=ids), model(input_ids=ids)
+    groups = input_groups(model)
+    assert (
+        "encoder.layer.0.attention.self.query",
+        "encoder.layer.0.attention.self.key",
+        "encoder.layer.0.attention.self.value",
+    ) in groups
+    assert all("dense" not in name for group in groups for name in group)
+
+
+def test_gradient_checkpointing_with_groups_matches_plain():
+    model = _adapted_llama()
+    twin = copy.deepcopy(model)
+    share_inputs(twin, enabled=False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = token_ids()
+    for _ in range(3):
+        _assert_same_step(model, twin, ids)
+    assert sorted(input_groups(model)) == _llama_groups(2, with_o=False)
+
+
+def test_autocast_bf16_groups_and_stays_close_to_ungrouped():
+    model = _adapted_llama()
+    twin = copy.deepcopy(model)
+    share_inputs(twin, enabled=False)
+    ids = token_ids()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(3):
+            logits, grads = _step(model, ids)
+            logits_twin, grads_twin = _step(twin, ids)
+    assert sorted(input_groups(model)) == _llama_groups(2, with_o=False)
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits, logits_twin, rtol=0.02, atol=0.02)
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32  # factors keep their dtype; the compute ran in bf16
+        rel = (grad - grads_twin[name]).norm() / grads_twin[name].norm()
+        assert rel < 0.02, (name, rel.item())

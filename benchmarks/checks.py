@@ -297,3 +297,64 @@ def layer_timing(shape: Shape, device: torch.device, dtype: torch.dtype, repeats
             lines.append(f"{label:<28} FAILED: {shapes.error_text(exc)}")
         shapes.free_device_memory(device)
     return "\n".join(lines)
+
+
+def group_timing(shape: Shape, device: torch.device, dtype: torch.dtype, repeats: int = 20) -> str:
+    """Forward + backward of the adapted layers that read one input (q,k,v; gate,up), frozen vs adapted.
+
+    ``lora`` computes them as one node (lora_lightning.sharing), ``lora_unshared`` one by one: the
+    difference is what grouping buys per block, away from the rest of the model.
+    """
+    from lora_lightning.sharing import input_groups, share_inputs
+
+    tokens = shape.batch * shape.seq
+    head_dim = shape.hidden // shape.heads
+    blocks = {
+        "q,k,v": [shape.hidden, shape.kv_heads * head_dim, shape.kv_heads * head_dim],
+        "gate,up": [shape.intermediate, shape.intermediate],
+    }
+    variants = ("frozen", "lora", "lora_unshared")
+    lines = [
+        f"== layers reading one input, forward+backward, {tokens} tokens, "
+        f"{str(dtype).removeprefix('torch.')}, ms (x frozen) ==",
+        f"{'block (in->outs)':<34} {'frozen':>8} {'lora':>14} {'lora_unshared':>14}",
+    ]
+    for label, outs in blocks.items():
+        try:
+            x = torch.randn(tokens, shape.hidden, device=device, dtype=dtype, requires_grad=True)
+            grads = [torch.randn(tokens, d_out, device=device, dtype=dtype) for d_out in outs]
+            calls = {}
+            for variant in variants:
+                with torch.device(device):
+                    holder = nn.ModuleList(
+                        nn.Linear(shape.hidden, d_out, bias=False, dtype=dtype).requires_grad_(False) for d_out in outs
+                    )
+                if variant != "frozen":
+                    for i, base in enumerate(list(holder)):
+                        holder[i] = LoRALinear(base, RANK, RANK)
+                    share_inputs(holder, enabled=variant == "lora")
+
+                def call(holder=holder, x=x, grads=grads):
+                    torch.autograd.backward([layer(x) for layer in holder], grads)
+                    x.grad = None
+                    for p in holder.parameters():
+                        p.grad = None
+
+                calls[variant] = call
+                if variant == "lora":
+                    call()
+                    call()  # settles the group (all members read x)
+                    assert len(input_groups(holder)) == 1, input_groups(holder)
+            timed = shapes.time_interleaved(calls, device, warmup=3, repeats=repeats)
+            results = {v: statistics.median(t) for v, t in timed.items() if not isinstance(t, str)}
+            frozen = results["frozen"]
+            cells = [f"{frozen:8.3f}"] + [
+                f"{results[v]:8.3f} ({results[v] / frozen:4.2f})" if v in results else f"{'-':>14}"
+                for v in variants[1:]
+            ]
+            widths = ",".join(str(d) for d in outs)
+            lines.append(f"{f'{label} ({shape.hidden}->{widths})':<34} " + " ".join(cells))
+        except Exception as exc:
+            lines.append(f"{label:<34} FAILED: {shapes.error_text(exc)}")
+        shapes.free_device_memory(device)
+    return "\n".join(lines)

@@ -16,6 +16,8 @@ Variants (r=16, alpha=16 on q,k,v,o,gate,up,down):
     lora          lora-lightning, adapters in the base dtype
     lora_fp32     lora-lightning, adapter_dtype="float32"
     lora_fa       lora-lightning, freeze_A=True (LoRA-FA)
+    lora_unshared lora-lightning with share_inputs(model, False): every adapted linear computed on its
+                  own, as before q/k/v and gate/up were grouped (what the grouping buys, same run)
     lora_compile  lora-lightning with each decoder layer torch.compile'd (regional compilation)
     floor         every weight frozen, input embeddings require grad: backward through every layer,
                   no weight gradient, no optimizer. No LoRA step can be faster.
@@ -39,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import shapes
 from shapes import GIB, MIB, RANK, SIZES, TARGETS, Shape
 
-VARIANTS = ("full", "peft", "lora", "lora_fp32", "lora_fa", "lora_compile", "floor")
+VARIANTS = ("full", "peft", "lora", "lora_fp32", "lora_fa", "lora_unshared", "lora_compile", "floor")
 # The floor first (every ratio divides by it), the slow-to-compile variant last.
-RUN_ORDER = ("floor", "full", "peft", "lora", "lora_fp32", "lora_fa", "lora_compile")
+RUN_ORDER = ("floor", "full", "peft", "lora", "lora_fp32", "lora_fa", "lora_unshared", "lora_compile")
 
 
 def prepare(variant: str, model: nn.Module) -> nn.Module:
@@ -66,6 +68,10 @@ def prepare(variant: str, model: nn.Module) -> nn.Module:
         freeze_A=variant == "lora_fa",
     )
     inject_lora(model, config)
+    if variant == "lora_unshared":
+        from lora_lightning.sharing import share_inputs
+
+        share_inputs(model, enabled=False)
     if variant == "lora_compile":
         torch._dynamo.reset()  # a fresh cache per size: no recompiles against another shape's guards
         # Regional compilation: every decoder layer runs the same compiled code, so the compile
@@ -323,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
             log(checks.merge_timing(SIZES[sizes[-1]], device, dtype, repeats=3))
         if not over_budget("layer timing"):
             log(checks.layer_timing(SIZES[sizes[-1]], device, dtype))
+        for size in sizes:
+            if not over_budget(f"group timing {size}"):
+                log(checks.group_timing(SIZES[size], device, dtype))
 
     if not args.no_checks and not over_budget("Lightning overhead"):
         steps_l = 2 if args.dry_run else 10

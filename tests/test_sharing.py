@@ -470,3 +470,41 @@ def test_autocast_bf16_groups_and_stays_close_to_ungrouped():
         assert grad.dtype == torch.float32  # factors keep their dtype; the compute ran in bf16
         rel = (grad - grads_twin[name]).norm() / grads_twin[name].norm()
         assert rel < 0.02, (name, rel.item())
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_group_inside_a_unit_and_fall_back_across_units(tmp_path):
+    """Real FSDP2 (gloo, CPU): wrapped per decoder layer, q/k/v and gate/up run as one node on the
+    unsharded weights; wrapped per adapted linear, a layer's siblings are shards when it runs, so
+    every layer runs alone. Either way training equals the one-by-one run."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "fsdp2.json"
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.fsdp2_sharing", str(out), str(port)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads(out.read_text())
+    for wrap in ("layer", "linear"):
+        grouped, alone = runs[f"{wrap}/grouped"], runs[f"{wrap}/alone"]
+        assert grouped["losses"] == pytest.approx(alone["losses"], rel=1e-6)
+        assert grouped["grads"].keys() == alone["grads"].keys() and len(grouped["grads"]) == 28
+        for name, grad in grouped["grads"].items():
+            torch.testing.assert_close(torch.tensor(grad), torch.tensor(alone["grads"][name]), rtol=1e-5, atol=1e-6)
+        assert alone["groups"] == []
+    settled = [tuple(g) for g in runs["layer/grouped"]["groups"]]
+    assert sorted(settled) == _llama_groups(2, with_o=False)  # grouping ran (it settled) inside each unit
+    never_ran = [tuple(g) for g in runs["linear/grouped"]["groups"]]
+    assert sorted(never_ran) == _llama_groups(2, with_o=True)  # still speculative: it never could run

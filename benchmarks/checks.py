@@ -299,6 +299,17 @@ def layer_timing(shape: Shape, device: torch.device, dtype: torch.dtype, repeats
     return "\n".join(lines)
 
 
+class _SameInput(nn.Module):
+    """Calls each of its layers on the same input, as attention does its q, k and v projections."""
+
+    def __init__(self, layers) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [layer(x) for layer in self.layers]
+
+
 def group_timing(shape: Shape, device: torch.device, dtype: torch.dtype, repeats: int = 20) -> str:
     """Forward + backward of the adapted layers that read one input (q,k,v; gate,up), frozen vs adapted.
 
@@ -326,16 +337,16 @@ def group_timing(shape: Shape, device: torch.device, dtype: torch.dtype, repeats
             calls = {}
             for variant in variants:
                 with torch.device(device):
-                    holder = nn.ModuleList(
+                    holder = _SameInput(
                         nn.Linear(shape.hidden, d_out, bias=False, dtype=dtype).requires_grad_(False) for d_out in outs
                     )
                 if variant != "frozen":
-                    for i, base in enumerate(list(holder)):
-                        holder[i] = LoRALinear(base, RANK, RANK)
+                    for i, base in enumerate(list(holder.layers)):
+                        holder.layers[i] = LoRALinear(base, RANK, RANK)
                     share_inputs(holder, enabled=variant == "lora")
 
                 def call(holder=holder, x=x, grads=grads):
-                    torch.autograd.backward([layer(x) for layer in holder], grads)
+                    torch.autograd.backward(holder(x), grads)
                     x.grad = None
                     for p in holder.parameters():
                         p.grad = None
@@ -345,6 +356,9 @@ def group_timing(shape: Shape, device: torch.device, dtype: torch.dtype, repeats
                     call()
                     call()  # settles the group (all members read x)
                     assert len(input_groups(holder)) == 1, input_groups(holder)
+                    out = holder(x)[0]
+                    assert type(out.grad_fn).__name__ == "SharedInputLoRAFunctionBackward", out.grad_fn
+                    del out
             timed = shapes.time_interleaved(calls, device, warmup=3, repeats=repeats)
             results = {v: statistics.median(t) for v, t in timed.items() if not isinstance(t, str)}
             frozen = results["frozen"]

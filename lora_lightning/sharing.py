@@ -10,27 +10,36 @@ adds to a frozen model's step on a GPU. Computed together
 
 Which layers share an input is learnt, not assumed from module names, so any architecture works.
 Each module's adapted linear children with the same input width start as one speculative
-:class:`InputGroup`. The first member called in a forward computes every member's output and keeps
-the others'; a member's own call returns its kept output after checking it received the very
-same tensor (object identity, version counter, grad and autocast mode). A member called with
-another tensor (``o_proj``, which reads the attention output; k and v in cross-attention) starts
-a computation of the members not yet served, with its tensor. At the next forward the group is
-cut into what the last one showed: members served by one computation stay together, the others
-(and members never called) run alone.
+:class:`InputGroup`. Grouping happens only inside one call of that parent module (its forward
+pre- and post-hooks open and close a *round*): the first member called computes every member's
+output and keeps the others', and a member's own call returns its kept output after checking it
+received the very same tensor (object identity, version counter, grad and autocast mode). A member
+called with another tensor (``o_proj``, which reads the attention output; k and v in
+cross-attention) starts a computation of the members not yet served, from its tensor. Kept outputs
+never outlive the parent's call. At a later round the group is cut into what the last round
+showed: members served by one computation stay together, the others (and members never called)
+run alone.
 
-Numbers do not depend on that history: forward computes each member's ``x A^T`` on its own and
-an unused output costs no backward work, so a layer gets bit for bit the same result from a
+Numbers do not depend on that history: forward computes each member's ``x A^T`` on its own and an
+unused output costs no backward work, so a layer gets bit for bit the same result from a
 speculative group as from its final group (and one used member of a group gets what the layer
-alone gets), and a resumed run repeats an uninterrupted one exactly. Regrouping happens only in
-forwards that run outside backward, so a forward that activation checkpointing recomputes saves
-what its original saved. Under ``torch.compile`` (Inductor fuses on its own),
-``torch.inference_mode``, adapter dropout in training, a merged member, or members whose weights
-are not materialised (per-layer FSDP / ZeRO-3 sharding) layers run alone and nothing is learnt.
+alone gets). When layers are called the same way in every forward, as in standard architectures,
+a resumed run therefore repeats an uninterrupted one exactly.
+
+A group is cut only in a round outside backward, and only once every grouped computation made
+before has been backpropagated or freed: a forward that non-reentrant activation checkpointing
+recomputes (even after further forwards, as with DPO's two forwards before one backward) then
+saves what its original saved. Layers run alone outside their parent's call, in threads other than
+the one inside it, under ``torch.compile`` (Inductor fuses on its own), ``torch.inference_mode``,
+adapter dropout in training, when a member is merged, or when members' weights are not
+materialised plain tensors (per-layer FSDP / ZeRO-3 sharding); none of these changes a group.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -64,36 +73,98 @@ def _mode(x: Tensor) -> tuple[Any, ...]:
     return x._version, torch.is_grad_enabled(), autocast_dtype(x.device.type)
 
 
-def _materialised(t: Tensor | None, shape: torch.Size | tuple[int, ...] | None = None) -> bool:
-    """A plain tensor with its storage in place (not a DTensor shard or a freed FSDP/ZeRO-3 view)."""
-    if t is None:
-        return True
-    if type(t) not in (Tensor, nn.Parameter):
-        return False
-    if shape is not None and tuple(t.shape) != tuple(shape):
+def _materialised(t: Tensor | None, shape: tuple[int, ...] | None) -> bool:
+    """``t`` is a plain tensor of ``shape`` with its storage in place (None when ``shape`` is None).
+
+    Not a DTensor shard (FSDP2 outside the layer's own unit), nor a freed or emptied parameter
+    (FSDP1 / ZeRO-3 between their gathers): those are gathered by the layer's own hooks, which
+    have not run yet when a sibling computes the group.
+    """
+    if t is None or shape is None:
+        return t is None and shape is None
+    if type(t) not in (Tensor, nn.Parameter) or tuple(t.shape) != shape:
         return False
     return t.numel() == 0 or t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel()) * t.element_size()
 
 
+def _backward_ran(open_: dict[int, Any], key: int, *_: Any) -> None:
+    open_.pop(key, None)
+
+
+class _Round:
+    """One call of a parent module: which thread is inside it, how deep, and its groups."""
+
+    def __init__(self) -> None:
+        self.groups: list[InputGroup] = []
+        self.owner: int | None = None  # the thread inside the parent's call
+        self.depth = 0
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Copies start outside any call (a lock is not copied; each copy gets its own).
+        return {**self.__dict__, "owner": None, "depth": 0, "_lock": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def inside(self) -> bool:
+        return self.depth > 0 and self.owner == threading.get_ident()
+
+    def enter(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        with self._lock:
+            me = threading.get_ident()
+            if self.owner not in (None, me):
+                return  # another thread is inside: this call's layers run alone
+            self.owner = me
+            self.depth += 1
+            first = self.depth == 1
+        if first:
+            in_backward = _in_backward()
+            for group in list(self.groups):
+                group.begin(in_backward)
+
+    def exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
+        with self._lock:
+            if self.owner != threading.get_ident():
+                return
+            self.depth -= 1
+            if self.depth:
+                return
+            self.owner = None
+        for group in self.groups:
+            group.end()
+
+
 class InputGroup:
-    """Adapted linears that may read one tensor; the first one called in a forward computes them all.
+    """Adapted linears that may read one tensor; the first one called in a round computes them all.
 
     Args:
         members: the layers, in the order their parent lists them.
+        round: the parent's :class:`_Round`, which opens and closes this group's rounds.
     """
 
-    def __init__(self, members: list[LoRALinear]) -> None:
+    def __init__(self, members: list[LoRALinear], round: _Round) -> None:
         self.members = tuple(members)
-        self._pending: dict[int, Tensor] = {}  # id(member) -> its output, kept from this round
-        self._pending_in_backward = False
+        self.round = round
+        self._pending: dict[int, Tensor] = {}  # id(member) -> its output, kept within this round
         self._x: weakref.ref[Tensor] | None = None
         self._x_mode: tuple[Any, ...] | None = None
-        # The last round outside backward: the members each computation served, in order.
+        self._seen: set[int] = set()  # members served (or run alone) in this round
+        # The last complete round outside backward: the members each computation served.
         self._served: list[list[LoRALinear]] = []
+        self._record: list[list[LoRALinear]] | None = None  # None: nothing to learn from
+        # Grouped computations made outside backward whose backward has not run yet.
+        self._open: dict[int, weakref.ref[Any]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        # Kept outputs belong to one forward; copies and pickles start clean (and keep the grouping).
-        return {**self.__dict__, "_pending": {}, "_x": None, "_x_mode": None, "_served": []}
+        # Kept outputs and round state belong to one call; copies and pickles keep the grouping only.
+        state = {**self.__dict__, "_pending": {}, "_x": None, "_x_mode": None, "_seen": set()}
+        return {**state, "_served": [], "_record": None, "_open": {}}
 
     def __repr__(self) -> str:
         return f"InputGroup({len(self.members)} layers)"
@@ -104,13 +175,37 @@ class InputGroup:
     def _drop(self) -> None:
         self._pending, self._x, self._x_mode = {}, None, None
 
+    def begin(self, in_backward: bool) -> None:
+        """A call of the parent starts: forget the last one's kept outputs; maybe cut the group."""
+        self._drop()
+        self._seen = set()
+        if not in_backward:
+            if self._record is not None and self._settled() and self._cut(self._record):
+                return
+            self._served = []
+
+    def end(self) -> None:
+        """The parent's call ended: nothing kept outlives it; remember what this round showed."""
+        self._drop()
+        if self._served:
+            self._record = self._served
+            self._served = []
+
+    def _settled(self) -> bool:
+        """Every grouped computation made before has run its backward or is gone (none can be recomputed)."""
+        for key, ref in list(self._open.items()):
+            if ref() is None:
+                del self._open[key]
+        return not self._open
+
     def _ready(self) -> bool:
         for m in self.members:
             if m.merged or (m.training and isinstance(m.lora_dropout, nn.Dropout)):
                 return False
+            base = m.base_layer
             if not (
-                _materialised(m.base_layer.weight)
-                and _materialised(m.base_layer.bias)
+                _materialised(m.base_weight(), (m.out_features, m.in_features))
+                and _materialised(base.bias, None if base.bias is None else (m.out_features,))
                 and _materialised(m.lora_A, (m.r, m.in_features))
                 and _materialised(m.lora_B, (m.out_features, m.r))
             ):
@@ -119,72 +214,72 @@ class InputGroup:
 
     def __call__(self, layer: LoRALinear, x: Tensor) -> Tensor | None:
         """``layer``'s output for ``x``, or None to have the layer compute it alone."""
-        if not _context_allows() or not self._is_member(layer):
+        if not _context_allows() or not self.round.inside() or not self._is_member(layer):
             return None  # (not a member: a shallow replica, as nn.DataParallel makes, runs alone)
         in_backward = _in_backward()
-        if self._pending and self._pending_in_backward != in_backward:
-            self._drop()  # kept by a recomputation in backward (which may stop early), or for one
         key = id(layer)
-        if key in self._pending:
-            if self._x is not None and self._x() is x and self._x_mode == _mode(x):
-                out = self._pending.pop(key)
-                if not in_backward and self._served:
-                    self._served[-1].append(layer)
-                if not self._pending:
-                    self._drop()
-                return out
-            # Another tensor than the one its kept output was computed from: compute the members
-            # this round has not served yet from this tensor instead.
-            rest = [m for m in self.members if id(m) in self._pending]
-            self._drop()
-            return self._start(layer, x, rest, in_backward)
-        # A member this round has served already (or nothing kept): a new round.
+        if key in self._pending and self._x is not None and self._x() is x and self._x_mode == _mode(x):
+            out = self._pending.pop(key)
+            self._seen.add(key)
+            if not in_backward and self._served:
+                self._served[-1].append(layer)
+            if not self._pending:
+                self._drop()
+            return out
+        if key in self._seen:
+            return None  # called again within one call of the parent: on its own
+        # The first call of the round, or another tensor than the kept outputs were computed
+        # from: compute the members not served yet from this one.
+        rest = [m for m in self.members if id(m) not in self._seen]
         self._drop()
-        if not in_backward:
-            if self._served and self._regroup():
-                group = getattr(layer, _ATTR)
-                return group(layer, x) if group is not None else None
-            self._served = []
-        return self._start(layer, x, list(self.members), in_backward)
+        return self._start(layer, x, rest, in_backward)
 
     def _start(self, layer: LoRALinear, x: Tensor, members: list[LoRALinear], in_backward: bool) -> Tensor | None:
         """Compute ``members`` from ``x``; keep the others' outputs, return ``layer``'s."""
+        self._seen.add(id(layer))
         if not self._ready():
             if not in_backward:
-                self._served = []  # a forward the group could not run teaches nothing
+                self._served, self._record = [], None  # a round the group could not run teaches nothing
             return None
         if not in_backward:
             self._served.append([layer])
         if len(members) < 2:
             return None
         outs = self._compute(x, members)
+        node = outs[0].grad_fn
+        if node is not None and not in_backward:
+            key = id(node)
+            self._open[key] = weakref.ref(node)
+            node.register_hook(partial(_backward_ran, self._open, key))
         mine = None
         for member, out in zip(members, outs, strict=True):
             if member is layer:
                 mine = out
             else:
                 self._pending[id(member)] = out
-        self._x, self._x_mode, self._pending_in_backward = weakref.ref(x), _mode(x), in_backward
+        self._x, self._x_mode = weakref.ref(x), _mode(x)
         return mine
 
-    def _regroup(self) -> bool:
+    def _cut(self, record: list[list[LoRALinear]]) -> bool:
         """Cut the group into the computations the last round's members were served by.
 
         Returns:
             True when the grouping changed (then this group is no longer in use).
         """
-        served = self._served
-        self._served = []
-        if len(served) == 1 and len(served[0]) == len(self.members):
+        self._record = None
+        if len(record) == 1 and len(record[0]) == len(self.members):
             return False
         order = {id(m): i for i, m in enumerate(self.members)}
         for member in self.members:
             setattr(member, _ATTR, None)
-        for run in served:
-            if len(run) > 1:
-                group = InputGroup(sorted(run, key=lambda m: order[id(m)]))
-                for member in group.members:
-                    setattr(member, _ATTR, group)
+        groups = [InputGroup(sorted(run, key=lambda m: order[id(m)]), self.round) for run in record if len(run) > 1]
+        for group in groups:
+            for member in group.members:
+                setattr(member, _ATTR, group)
+        index = self.round.groups.index(self)
+        self.round.groups[index : index + 1] = groups
+        for group in groups:
+            group._seen = set()
         return True
 
     def _compute(self, x: Tensor, layers: list[LoRALinear]) -> tuple[Tensor, ...]:
@@ -208,11 +303,24 @@ class InputGroup:
         return shared_input_lora_linear(x, members)
 
 
+_ROUND_ATTR = "_lora_input_round"  # on each parent module with groups: its _Round
+
+
+def _remove_round_hooks(parent: nn.Module) -> None:
+    """Drop the hooks a _Round registered on ``parent`` (also on a copy, whose hooks are copies)."""
+    for hooks in (parent._forward_pre_hooks, parent._forward_hooks):
+        for key in [k for k, hook in hooks.items() if isinstance(getattr(hook, "__self__", None), _Round)]:
+            del hooks[key]
+            parent._forward_hooks_always_called.pop(key, None)
+
+
 def share_inputs(model: nn.Module, enabled: bool = True) -> int:
     """Compute adapted linears that read the same tensor together (the default after injection), or not.
 
     Turning it on (again) starts from the speculative groups: each module's adapted linear
-    children with the same input width, dtype and device.
+    children with the same input width, dtype and device. Their rounds are the calls of that
+    module, or, when it is a ``ModuleList`` / ``ModuleDict`` (containers are never called), of its
+    nearest ancestor that is not one.
 
     Args:
         model: a model with LoRA layers.
@@ -223,23 +331,42 @@ def share_inputs(model: nn.Module, enabled: bool = True) -> int:
     """
     from lora_lightning.layers import LoRALinear
 
-    groups = 0
+    parent_of: dict[int, nn.Module] = {}
+    for module in model.modules():
+        vars(module).pop(_ROUND_ATTR, None)
+        _remove_round_hooks(module)
+        for child in module.children():
+            parent_of.setdefault(id(child), module)
+            if isinstance(child, LoRALinear):
+                setattr(child, _ATTR, None)
+    if not enabled:
+        return 0
+    count = 0
     for parent in model.modules():
         buckets: dict[tuple[Any, ...], list[LoRALinear]] = {}
         for child in parent.children():
             if isinstance(child, LoRALinear):
-                setattr(child, _ATTR, None)
                 weight = child.base_layer.weight
                 buckets.setdefault((child.in_features, weight.dtype, weight.device), []).append(child)
-        if not enabled:
+        candidates = [members for members in buckets.values() if len(members) > 1]
+        if not candidates:
             continue
-        for members in buckets.values():
-            if len(members) > 1:
-                group = InputGroup(members)
-                for member in members:
-                    setattr(member, _ATTR, group)
-                groups += 1
-    return groups
+        owner = parent
+        while isinstance(owner, (nn.ModuleList, nn.ModuleDict)) and id(owner) in parent_of:
+            owner = parent_of[id(owner)]
+        round_ = vars(owner).get(_ROUND_ATTR)
+        if round_ is None:
+            round_ = _Round()
+            owner.register_forward_pre_hook(round_.enter)
+            owner.register_forward_hook(round_.exit, always_call=True)
+            setattr(owner, _ROUND_ATTR, round_)
+        for members in candidates:
+            group = InputGroup(members, round_)
+            round_.groups.append(group)
+            for member in members:
+                setattr(member, _ATTR, group)
+        count += len(candidates)
+    return count
 
 
 def input_groups(model: nn.Module) -> list[tuple[str, ...]]:

@@ -281,7 +281,8 @@ def test_members_called_with_another_tensor_are_regrouped_by_what_they_read():
     torch.manual_seed(0)
     module = _adapted(Attention(), ["q", "k", "v"])
     h = torch.randn(4, 16)
-    module(h), module(h)
+    module(h)
+    module(h)
     assert input_groups(module) == [("q", "k", "v")]
     module.kv_from = torch.randn(4, 16)  # from now on k and v read another tensor than q
     want = _reference_output(module, h)
@@ -322,7 +323,8 @@ def test_checkpointed_forwards_recompute_what_they_saved_through_every_change(us
 def test_an_input_changed_in_place_between_members_is_not_reused():
     torch.manual_seed(0)
     module = _adapted(Attention(), ["q", "k", "v"])
-    module(torch.randn(4, 16)), module(torch.randn(4, 16))
+    module(torch.randn(4, 16))
+    module(torch.randn(4, 16))
     module.scale_in_place = True
     h = torch.randn(4, 16)
     want = _reference_output(module, h)
@@ -333,7 +335,8 @@ def test_an_input_changed_in_place_between_members_is_not_reused():
 def test_members_a_forward_never_called_leave_the_group():
     torch.manual_seed(0)
     module = _adapted(Attention(), ["q", "k", "v"])
-    module(torch.randn(4, 16)), module(torch.randn(4, 16))
+    module(torch.randn(4, 16))
+    module(torch.randn(4, 16))
     group = module.q._shared_input
     module.only_q = True
     for _ in range(3):
@@ -353,7 +356,8 @@ def test_dropout_in_training_runs_alone_and_eval_groups():
         assert type(out.grad_fn).__name__ != "SharedInputLoRAFunctionBackward"
     assert input_groups(module) == [("q", "k", "v")]  # forwards it could not run taught it nothing
     module.eval()
-    module(h), module(h)
+    module(h)
+    module(h)
     assert input_groups(module) == [("q", "k", "v")]
     assert not module.q._shared_input._pending  # nothing kept from the training forward
     torch.testing.assert_close(module(h), _reference_output(module, h))
@@ -363,7 +367,8 @@ def test_merged_members_and_inference_mode_run_alone():
     torch.manual_seed(0)
     module = _adapted(Attention(), ["q", "k", "v"])
     h = torch.randn(4, 16)
-    module(h), module(h)
+    module(h)
+    module(h)
     with torch.inference_mode():
         torch.testing.assert_close(module(h), _reference_output(module, h))
     assert not module.q._shared_input._pending
@@ -402,10 +407,12 @@ def test_a_layer_reused_within_one_forward_is_grouped_per_call():
 def test_copies_and_pickles_start_clean_and_group_on_their_own():
     torch.manual_seed(0)
     module = _adapted(Attention(), ["q", "k", "v"])
-    module(torch.randn(4, 16)), module(torch.randn(4, 16))
+    module(torch.randn(4, 16))
+    module(torch.randn(4, 16))
     module.only_q = True
-    module(torch.randn(4, 16, requires_grad=True))  # k's and v's outputs are now kept, with a graph
-    clone = copy.deepcopy(module)  # a kept non-leaf tensor would make deepcopy raise
+    out = module(torch.randn(4, 16, requires_grad=True))  # a live graph through the group's node
+    clone = copy.deepcopy(module)
+    del out
     restored = pickle.loads(pickle.dumps(module))
     for copied in (clone, restored):
         copied.only_q = False
@@ -418,14 +425,17 @@ def test_copies_and_pickles_start_clean_and_group_on_their_own():
 def test_share_inputs_off_and_on_again():
     model = _adapted_llama()
     ids = token_ids()
-    model(input_ids=ids), model(input_ids=ids)
+    model(input_ids=ids)
+    model(input_ids=ids)
     assert sorted(input_groups(model)) == _llama_groups(2, with_o=False)
     assert share_inputs(model, enabled=False) == 0
-    model(input_ids=ids), model(input_ids=ids)
+    model(input_ids=ids)
+    model(input_ids=ids)
     assert input_groups(model) == []
     assert share_inputs(model) == 4  # the 2 attention and 2 MLP blocks, speculative again
     assert sorted(input_groups(model)) == _llama_groups(2, with_o=True)
-    model(input_ids=ids), model(input_ids=ids)
+    model(input_ids=ids)
+    model(input_ids=ids)
     assert sorted(input_groups(model)) == _llama_groups(2, with_o=False)
 
 
@@ -433,7 +443,8 @@ def test_bert_groups_query_key_value():
     model = tiny_bert()
     inject_lora(model, LoRAConfig(r=4, target_modules=["query", "key", "value", "dense"]))
     ids = token_ids()
-    model(input_ids=ids), model(input_ids=ids)
+    model(input_ids=ids)
+    model(input_ids=ids)
     groups = input_groups(model)
     assert (
         "encoder.layer.0.attention.self.query",
@@ -508,3 +519,157 @@ def test_fsdp2_two_processes_group_inside_a_unit_and_fall_back_across_units(tmp_
     assert sorted(settled) == _llama_groups(2, with_o=False)  # grouping ran (it settled) inside each unit
     never_ran = [tuple(g) for g in runs["linear/grouped"]["groups"]]
     assert sorted(never_ran) == _llama_groups(2, with_o=True)  # still speculative: it never could run
+
+
+def test_two_checkpointed_forwards_before_one_backward_from_the_first_step():
+    """DPO-style: two non-reentrant checkpointed forwards, then one backward. The group may only be
+    cut once no earlier grouped computation can still be recomputed, or checkpoint would raise."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    module = _adapted(AttentionWithOutput(), ["q", "k", "v", "o"])
+    twin = copy.deepcopy(module)
+    share_inputs(twin, enabled=False)
+    seen = []
+    for _ in range(3):
+        pair = [torch.randn(4, 16) for _ in range(2)]
+        grads = []
+        for m, run in ((module, lambda x: checkpoint(module, x, use_reentrant=False)), (twin, twin)):
+            m.zero_grad(set_to_none=True)
+            xs = [h.clone().requires_grad_(True) for h in pair]
+            sum(run(x).square().sum() for x in xs).backward()
+            grads.append([p.grad for p in m.parameters() if p.requires_grad] + [x.grad for x in xs])
+        for g, w in zip(*grads, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+        seen.append(input_groups(module))
+    # The 2nd forward of step 1 could not cut (the 1st's graph was waiting for its backward);
+    # the first forward of step 2 did.
+    assert seen == [[("q", "k", "v", "o")], [("q", "k", "v")], [("q", "k", "v")]]
+
+
+class AttentionWithOutput(nn.Module):
+    """q, k, v on one tensor and o on their result: o shares q's width but not its input."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.o(torch.tanh(self.q(h) * self.k(h) + self.v(h)))
+
+
+def test_kept_outputs_and_their_graph_do_not_outlive_the_parents_call():
+    import weakref
+
+    torch.manual_seed(0)
+    module = _adapted(Attention(), ["q", "k", "v"])
+    module.only_q = True  # k's and v's outputs are computed with q's and never asked for
+    out = module(torch.randn(4, 16))
+    group = module.q._shared_input
+    assert type(out.grad_fn).__name__ == "SharedInputLoRAFunctionBackward"
+    assert not group._pending
+    node = weakref.ref(out.grad_fn)
+    del out
+    assert node() is None  # nothing of the group's computation is kept alive
+
+
+def test_layers_called_outside_their_parents_call_run_alone():
+    """Two heads on one feature, each loss backpropagated before the next head runs."""
+    torch.manual_seed(0)
+    module = _adapted(Attention(), ["q", "k", "v"])
+    twin = copy.deepcopy(module)
+    share_inputs(twin, enabled=False)
+    h = torch.randn(4, 16)
+    module(h)
+    for m in (module, twin):
+        m.zero_grad(set_to_none=True)
+        for head in (m.q, m.k, m.v):
+            out = head(h)
+            assert type(out.grad_fn).__name__ == "LoRALinearFunctionBackward"
+            out.square().sum().backward()
+    for p, w in zip(module.parameters(), twin.parameters(), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, w.grad)
+
+
+def test_members_whose_weights_are_not_gathered_yet_make_the_group_run_alone():
+    """ZeRO-3 / FSDP1 style: a layer's own pre-forward hook gathers its weight (``param.data``
+    is an empty tensor until then), so a sibling must not compute the group with it."""
+    torch.manual_seed(0)
+    module = _adapted(Attention(), ["q", "k", "v"])
+    h = torch.randn(4, 16)
+    want = _reference_output(module, h)
+    full = {}
+
+    def release(layer, *_):
+        full[layer] = layer.base_layer.weight.data
+        layer.base_layer.weight.data = torch.empty(0)
+
+    def gather(layer, args):
+        layer.base_layer.weight.data = full[layer]
+
+    for layer in (module.q, module.k, module.v):
+        layer.register_forward_pre_hook(gather)
+        layer.register_forward_hook(release)
+        release(layer)
+    for _ in range(2):
+        torch.testing.assert_close(module(h), want)
+    assert input_groups(module) == [("q", "k", "v")]  # not cut: rounds it could not run teach nothing
+
+
+def test_a_second_thread_inside_the_same_parent_runs_alone():
+    import threading
+
+    torch.manual_seed(0)
+    module = _adapted(Attention(), ["q", "k", "v"])
+    h_a, h_b = torch.randn(4, 16), torch.randn(4, 16)
+    want_a, want_b = _reference_output(module, h_a), _reference_output(module, h_b)
+    got = {}
+    a_inside, b_done = threading.Event(), threading.Event()
+    q_alone = module.q.forward
+
+    def q_then_wait(x):  # thread A stops between q and k, inside the parent's call
+        out = q_alone(x)
+        if threading.current_thread().name == "A":
+            a_inside.set()
+            assert b_done.wait(10)
+        return out
+
+    module.q.forward = q_then_wait
+
+    def run(name, h):
+        with torch.no_grad():
+            got[name] = module(h)
+        if name == "B":
+            b_done.set()
+
+    thread_a = threading.Thread(target=run, args=("A", h_a), name="A")
+    thread_a.start()
+    assert a_inside.wait(10)
+    run("B", h_b)  # the main thread calls the parent while A is inside it
+    thread_a.join(10)
+    torch.testing.assert_close(got["A"], want_a)
+    torch.testing.assert_close(got["B"], want_b)
+    assert input_groups(module) == [("q", "k", "v")]
+
+
+def test_layers_held_in_a_module_list_are_grouped_within_the_call_of_its_owner():
+    class Projections(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.heads = nn.ModuleList(nn.Linear(16, 8) for _ in range(3))
+
+        def forward(self, h):
+            return torch.stack([head(h) for head in self.heads]).sum(0)
+
+    torch.manual_seed(0)
+    module = _adapted(Projections(), ["heads.0", "heads.1", "heads.2"])
+    h = torch.randn(4, 16)
+    module(h)
+    nodes = []
+    for head in module.heads:
+        head.register_forward_hook(lambda mod, args, out: nodes.append(out.grad_fn))
+    out = module(h)
+    assert input_groups(module) == [("heads.0", "heads.1", "heads.2")]
+    assert type(nodes[0]).__name__ == "SharedInputLoRAFunctionBackward" and nodes[0] is nodes[1] is nodes[2]
+    torch.testing.assert_close(out, _reference_output(module, h))

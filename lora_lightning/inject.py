@@ -350,7 +350,12 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> LoRAReport:
 
 
 def remove_lora_config(model: nn.Module) -> None:
-    """Forget the stored config (after the adapters have been unloaded)."""
+    """Forget the stored config and the grouping hooks (after the adapters have been unloaded).
+
+    The plain model keeps nothing of lora_lightning: no attribute, no hook holding the removed
+    layers alive.
+    """
+    share_inputs(model, enabled=False)
     for module in model.modules():
         if _CONFIG_ATTR in vars(module):
             delattr(module, _CONFIG_ATTR)

@@ -37,9 +37,9 @@ materialised plain tensors (per-layer FSDP / ZeRO-3 sharding); none of these cha
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -87,8 +87,19 @@ def _materialised(t: Tensor | None, shape: tuple[int, ...] | None) -> bool:
     return t.numel() == 0 or t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel()) * t.element_size()
 
 
-def _backward_ran(open_: dict[int, Any], key: int, *_: Any) -> None:
-    open_.pop(key, None)
+def _can_run_backward(node: Any) -> bool:
+    """The autograd node still holds its saved tensors (read raw: nothing is unpacked or recomputed)."""
+    try:
+        saved = node._raw_saved_tensors
+    except RuntimeError:  # freed by a backward that did not retain the graph
+        return False
+    return saved is not None
+
+
+def _saved_tensors_hooks() -> Any:
+    """The innermost ``saved_tensors_hooks`` in effect (activation checkpointing, CPU offload), or None."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top(True) if top is not None else None
 
 
 class _Round:
@@ -98,11 +109,14 @@ class _Round:
         self.groups: list[InputGroup] = []
         self.owner: int | None = None  # the thread inside the parent's call
         self.depth = 0
+        self.frame: Any = None  # the outermost call's frame, while it runs
+        self.completed = False  # the outermost call returned (rather than raised)
+        self.hooks: Any = None  # the saved-tensor hooks in effect when it began
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
         # Copies start outside any call (a lock is not copied; each copy gets its own).
-        return {**self.__dict__, "owner": None, "depth": 0, "_lock": None}
+        return {**self.__dict__, "owner": None, "depth": 0, "frame": None, "hooks": None, "_lock": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -118,13 +132,29 @@ class _Round:
             me = threading.get_ident()
             if self.owner not in (None, me):
                 return  # another thread is inside: this call's layers run alone
+            if self.depth and not self._outermost_running():
+                self.depth = 0  # the last call never ended (KeyboardInterrupt skips forward hooks)
             self.owner = me
             self.depth += 1
             first = self.depth == 1
         if first:
+            self.frame, self.completed, self.hooks = sys._getframe(1), False, _saved_tensors_hooks()
             in_backward = _in_backward()
             for group in list(self.groups):
                 group.begin(in_backward)
+
+    def _outermost_running(self) -> bool:
+        frame = sys._getframe(2)
+        while frame is not None:
+            if frame is self.frame:
+                return True
+            frame = frame.f_back
+        return False
+
+    def returned(self, module: nn.Module, args: Any, output: Any) -> None:
+        """A plain forward hook: runs only when the call returns (before :meth:`exit`)."""
+        if self.depth == 1 and self.owner == threading.get_ident():
+            self.completed = True
 
     def exit(self, module: nn.Module, args: Any, output: Any) -> None:
         if torch.compiler.is_compiling():
@@ -135,9 +165,9 @@ class _Round:
             self.depth -= 1
             if self.depth:
                 return
-            self.owner = None
+            self.owner, self.frame = None, None
         for group in self.groups:
-            group.end()
+            group.end(self.completed)
 
 
 class InputGroup:
@@ -184,17 +214,22 @@ class InputGroup:
                 return
             self._served = []
 
-    def end(self) -> None:
-        """The parent's call ended: nothing kept outlives it; remember what this round showed."""
+    def end(self, completed: bool) -> None:
+        """The parent's call ended: nothing kept outlives it; remember what a complete round showed."""
         self._drop()
-        if self._served:
+        if self._served and completed:  # (a call that raised half-way shows only part of the pattern)
             self._record = self._served
-            self._served = []
+        self._served = []
 
     def _settled(self) -> bool:
-        """Every grouped computation made before has run its backward or is gone (none can be recomputed)."""
+        """No grouped computation made before can run backward (and so be recomputed) any more.
+
+        A node is done when it is gone or its saved tensors are: a backward without
+        ``retain_graph`` frees them; one with it leaves the node able to run (and recompute) again.
+        """
         for key, ref in list(self._open.items()):
-            if ref() is None:
+            node = ref()
+            if node is None or not _can_run_backward(node):
                 del self._open[key]
         return not self._open
 
@@ -216,6 +251,11 @@ class InputGroup:
         """``layer``'s output for ``x``, or None to have the layer compute it alone."""
         if not _context_allows() or not self.round.inside() or not self._is_member(layer):
             return None  # (not a member: a shallow replica, as nn.DataParallel makes, runs alone)
+        if x.is_inference() or _saved_tensors_hooks() != self.round.hooks:
+            # An inference tensor has no version counter. Other saved-tensor hooks than at the
+            # parent's call start mean a checkpoint (or offload) region inside the parent: its
+            # recomputation runs without the parent's call, so its forward must run alone too.
+            return None
         in_backward = _in_backward()
         key = id(layer)
         if key in self._pending and self._x is not None and self._x() is x and self._x_mode == _mode(x):
@@ -248,9 +288,7 @@ class InputGroup:
         outs = self._compute(x, members)
         node = outs[0].grad_fn
         if node is not None and not in_backward:
-            key = id(node)
-            self._open[key] = weakref.ref(node)
-            node.register_hook(partial(_backward_ran, self._open, key))
+            self._open[id(node)] = weakref.ref(node)
         mine = None
         for member, out in zip(members, outs, strict=True):
             if member is layer:
@@ -358,6 +396,7 @@ def share_inputs(model: nn.Module, enabled: bool = True) -> int:
         if round_ is None:
             round_ = _Round()
             owner.register_forward_pre_hook(round_.enter)
+            owner.register_forward_hook(round_.returned)
             owner.register_forward_hook(round_.exit, always_call=True)
             setattr(owner, _ROUND_ATTR, round_)
         for members in candidates:

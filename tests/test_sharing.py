@@ -673,3 +673,113 @@ def test_layers_held_in_a_module_list_are_grouped_within_the_call_of_its_owner()
     assert input_groups(module) == [("heads.0", "heads.1", "heads.2")]
     assert type(nodes[0]).__name__ == "SharedInputLoRAFunctionBackward" and nodes[0] is nodes[1] is nodes[2]
     torch.testing.assert_close(out, _reference_output(module, h))
+
+
+class CheckpointedMLP(nn.Module):
+    """Checkpoints a region inside its own forward: the recomputation runs without this module's call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def _inner(self, x):
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self._inner, x, use_reentrant=False)
+
+
+def test_a_checkpointed_region_inside_the_parent_runs_alone_in_forward_and_recomputation():
+    torch.manual_seed(0)
+    module = _adapted(nn.Sequential(CheckpointedMLP(), CheckpointedMLP()), ["gate", "up", "down"])
+    twin = copy.deepcopy(module)
+    share_inputs(twin, enabled=False)
+    x = torch.randn(3, 8)
+    for _ in range(3):
+        grads = []
+        for m in (module, twin):
+            m.zero_grad(set_to_none=True)
+            m(x).square().sum().backward()  # raised CheckpointError when forward grouped them
+            grads.append([p.grad for p in m.parameters() if p.requires_grad])
+        for g, w in zip(*grads, strict=True):
+            torch.testing.assert_close(g, w)
+
+
+def test_a_graph_kept_for_a_second_backward_keeps_its_grouping():
+    """backward(retain_graph=True), another forward, then a second backward through the first
+    graph: the forward in between must not cut the groups the first graph will recompute with."""
+    model = _adapted_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    twin = copy.deepcopy(model)
+    share_inputs(twin, enabled=False)
+    grads = []
+    for m in (model, twin):
+        first = m(input_ids=token_ids(seed=1)).logits
+        first.square().mean().backward(retain_graph=True)
+        second = m(input_ids=token_ids(seed=2)).logits
+        (first.mean() + second.mean()).backward()
+        grads.append([p.grad for p in m.parameters() if p.requires_grad])
+    for g, w in zip(*grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_an_inference_tensor_read_outside_inference_mode_runs_alone():
+    torch.manual_seed(0)
+    module = _adapted(Attention(), ["q", "k", "v"])
+    with torch.inference_mode():
+        h = torch.randn(4, 16)  # e.g. encoder states cached under inference_mode
+    with torch.no_grad():
+        torch.testing.assert_close(module(h), _reference_output(module, h.clone()))
+
+
+def test_a_call_that_raised_half_way_teaches_nothing_and_one_interrupted_is_left_behind():
+    torch.manual_seed(0)
+    module = _adapted(Attention(), ["q", "k", "v"])
+    for _ in range(2):
+        module(torch.randn(4, 16))
+    failing = {"error": RuntimeError("out of memory (simulated)")}
+    q_alone = module.q.forward
+
+    def q_then_fail(x):
+        out = q_alone(x)
+        if failing.get("error") is not None:
+            raise failing["error"]
+        return out
+
+    module.q.forward = q_then_fail
+    with pytest.raises(RuntimeError):
+        module(torch.randn(4, 16))  # the loop skips this batch: only q was called
+    failing["error"] = None
+    h = torch.randn(4, 16)
+    torch.testing.assert_close(module(h), _reference_output(module, h))
+    assert input_groups(module) == [("q", "k", "v")]  # not cut on the partial call
+
+    failing["error"] = KeyboardInterrupt()  # not an Exception: forward hooks are skipped
+    with pytest.raises(KeyboardInterrupt):
+        module(h)
+    failing["error"] = None
+    with torch.no_grad():
+        for layer in (module.q, module.k, module.v):
+            layer.lora_B.add_(1.0)  # new weights: what the interrupted call kept is stale
+    torch.testing.assert_close(module(h), _reference_output(module, h))
+    assert module._lora_input_round.depth == 0
+    assert input_groups(module) == [("q", "k", "v")]
+
+
+def test_merge_and_unload_leaves_no_hook_or_attribute_behind():
+    import gc
+    import weakref
+
+    from lora_lightning import merge_and_unload
+
+    model = _adapted_llama()
+    model(input_ids=token_ids())
+    layers = [weakref.ref(layer) for layer in lora_layers(model).values()]
+    merge_and_unload(model)
+    gc.collect()
+    assert all(ref() is None for ref in layers)  # nothing holds the removed LoRA layers
+    for module in model.modules():
+        assert not module._forward_pre_hooks and not module._forward_hooks
+        assert not any(key.startswith("_lora") for key in vars(module))

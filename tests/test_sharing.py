@@ -208,19 +208,6 @@ def test_grouped_forward_runs_one_node_per_group():
     assert type(nodes["o_proj"]).__name__.startswith("LoRALinearFunction")
 
 
-class CrossAttention(nn.Module):
-    """q reads the decoder states, k and v the encoder's: only k and v share an input."""
-
-    def __init__(self, width: int = 16) -> None:
-        super().__init__()
-        self.q = nn.Linear(width, width)
-        self.k = nn.Linear(width, width)
-        self.v = nn.Linear(width, width)
-
-    def forward(self, h: torch.Tensor, enc: torch.Tensor) -> torch.Tensor:
-        return self.q(h) + self.k(enc) * self.v(enc)
-
-
 def _adapted(module: nn.Module, targets: list[str]) -> nn.Module:
     inject_lora(module, LoRAConfig(r=2, alpha=4, target_modules=targets))
     with torch.no_grad():
@@ -235,13 +222,15 @@ def _grads_of(module: nn.Module, loss: torch.Tensor, *inputs: torch.Tensor) -> l
 
 
 def test_only_layers_seen_reading_the_same_tensor_are_grouped():
+    """Cross-attention: q reads the decoder states, k and v the encoder's."""
     torch.manual_seed(0)
-    module = _adapted(CrossAttention(), ["q", "k", "v"])
+    module = _adapted(Attention(), ["q", "k", "v"])
     twin = copy.deepcopy(module)
     share_inputs(twin, enabled=False)
     h, enc = torch.randn(3, 16, requires_grad=True), torch.randn(3, 16, requires_grad=True)
+    module.kv_from = twin.kv_from = enc
     for _ in range(3):
-        out, out_twin = module(h, enc), twin(h, enc)
+        out, out_twin = module(h), twin(h)
         torch.testing.assert_close(out, out_twin)
         for g, w in zip(_grads_of(module, out.sum(), h, enc), _grads_of(twin, out_twin.sum(), h, enc), strict=True):
             torch.testing.assert_close(g, w)

@@ -409,7 +409,10 @@ def share_inputs(model: nn.Module, enabled: bool = True) -> int:
 
 
 def input_groups(model: nn.Module) -> list[tuple[str, ...]]:
-    """The groups currently in use, as tuples of module names (speculative until the second forward)."""
+    """The groups in use, as tuples of module names.
+
+    Speculative (by parent and input width) until a forward after the first one's backward cuts them.
+    """
     from lora_lightning.layers import LoRALinear
 
     names = {id(m): name for name, m in model.named_modules()}

@@ -31,6 +31,20 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
+def _adapted_linear(
+    x2: Tensor, xl2: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """``(x2 W^T + b + scale (xl2 A^T) B^T, xl2 A^T)`` for 2-D inputs, the factors already cast.
+
+    The one forward both autograd functions run, so a layer computed in a group and alone get
+    the same bits.
+    """
+    xa = xl2 @ A.t()  # (N, r)
+    out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()  # (N, out)
+    out.addmm_(xa, B.t(), alpha=scale)
+    return out, xa
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """Autograd function for the adapted linear; see :func:`lora_linear` for the contract."""
 
@@ -50,9 +64,7 @@ class LoRALinearFunction(torch.autograd.Function):
         xl2 = x2 if x_lora is None else x_lora.reshape(-1, in_features)
         A = lora_A.to(x.dtype)  # (r, in): casting the small factors, never the activations
         B = lora_B.to(x.dtype)  # (out, r)
-        xa = xl2 @ A.t()  # (N, r)
-        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()  # (N, out)
-        out.addmm_(xa, B.t(), alpha=scale)
+        out, xa = _adapted_linear(x2, xl2, weight, bias, A, B, scale)
 
         need_x = weight.requires_grad or (x_lora is None and lora_A.requires_grad)
         need_xl = x_lora is not None and lora_A.requires_grad
@@ -168,9 +180,7 @@ class SharedInputLoRAFunction(torch.autograd.Function):
         xas = []
         outs = []
         for i in range(n):
-            xa = x2 @ Ac[i].t()  # (N, r_i)
-            out = torch.addmm(biases[i], x2, weights[i].t()) if biases[i] is not None else x2 @ weights[i].t()
-            out.addmm_(xa, Bc[i].t(), alpha=scales[i])
+            out, xa = _adapted_linear(x2, x2, weights[i], biases[i], Ac[i], Bc[i], scales[i])
             xas.append(xa)
             outs.append(out.view(*x.shape[:-1], out.shape[-1]))
 

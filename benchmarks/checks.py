@@ -313,8 +313,9 @@ class _SameInput(nn.Module):
 def group_timing(shape: Shape, device: torch.device, dtype: torch.dtype, repeats: int = 20) -> str:
     """Forward + backward of the adapted layers that read one input (q,k,v; gate,up), frozen vs adapted.
 
-    ``lora`` computes them as one node (lora_lightning.sharing), ``lora_unshared`` one by one: the
-    difference is what grouping buys per block, away from the rest of the model.
+    ``lora`` computes them one by one (the default), ``lora_grouped`` as one node
+    (lora_lightning.sharing): the difference is what grouping buys per block, away from the rest
+    of the model.
     """
     from lora_lightning.sharing import input_groups, share_inputs
 
@@ -324,11 +325,11 @@ def group_timing(shape: Shape, device: torch.device, dtype: torch.dtype, repeats
         "q,k,v": [shape.hidden, shape.kv_heads * head_dim, shape.kv_heads * head_dim],
         "gate,up": [shape.intermediate, shape.intermediate],
     }
-    variants = ("frozen", "lora", "lora_unshared")
+    variants = ("frozen", "lora", "lora_grouped")
     lines = [
         f"== layers reading one input, forward+backward, {tokens} tokens, "
         f"{str(dtype).removeprefix('torch.')}, ms (x frozen) ==",
-        f"{'block (in->outs)':<34} {'frozen':>8} {'lora':>14} {'lora_unshared':>14}",
+        f"{'block (in->outs)':<34} {'frozen':>8} {'lora':>14} {'lora_grouped':>14}",
     ]
     for label, outs in blocks.items():
         try:
@@ -343,7 +344,7 @@ def group_timing(shape: Shape, device: torch.device, dtype: torch.dtype, repeats
                 if variant != "frozen":
                     for i, base in enumerate(list(holder.layers)):
                         holder.layers[i] = LoRALinear(base, RANK, RANK)
-                    share_inputs(holder, enabled=variant == "lora")
+                    share_inputs(holder, enabled=variant == "lora_grouped")
 
                 def call(holder=holder, x=x, grads=grads):
                     torch.autograd.backward(holder(x), grads)
@@ -352,7 +353,7 @@ def group_timing(shape: Shape, device: torch.device, dtype: torch.dtype, repeats
                         p.grad = None
 
                 calls[variant] = call
-                if variant == "lora":
+                if variant == "lora_grouped":
                     call()
                     call()  # settles the group (all members read x)
                     assert len(input_groups(holder)) == 1, input_groups(holder)

@@ -13,11 +13,11 @@ Variants (r=16, alpha=16 on q,k,v,o,gate,up,down):
     full          every weight trains (AdamW over all parameters; bf16 weights and optimizer state
                   on GPU, no float32 master copy: with one the 8b shape does not fit on one card)
     peft          HF PEFT get_peft_model at its defaults (adapters float32 on a bf16 base)
-    lora          lora-lightning, adapters in the base dtype
+    lora          lora-lightning at its defaults, adapters in the base dtype
     lora_fp32     lora-lightning, adapter_dtype="float32"
     lora_fa       lora-lightning, freeze_A=True (LoRA-FA)
-    lora_unshared lora-lightning with share_inputs(model, False): every adapted linear computed on its
-                  own, as before q/k/v and gate/up were grouped (what the grouping buys, same run)
+    lora_grouped  lora-lightning with share_inputs=True: adapted linears that read one tensor (q/k/v,
+                  gate/up) computed as one node (what the opt-in grouping buys, same run)
     lora_compile  lora-lightning with each decoder layer torch.compile'd (regional compilation)
     floor         every weight frozen, input embeddings require grad: backward through every layer,
                   no weight gradient, no optimizer. No LoRA step can be faster.
@@ -41,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import shapes
 from shapes import GIB, MIB, RANK, SIZES, TARGETS, Shape
 
-VARIANTS = ("full", "peft", "lora", "lora_fp32", "lora_fa", "lora_unshared", "lora_compile", "floor")
+VARIANTS = ("full", "peft", "lora", "lora_fp32", "lora_fa", "lora_grouped", "lora_compile", "floor")
 # The floor first (every ratio divides by it), the slow-to-compile variant last.
-RUN_ORDER = ("floor", "full", "peft", "lora", "lora_fp32", "lora_fa", "lora_unshared", "lora_compile")
+RUN_ORDER = ("floor", "full", "peft", "lora", "lora_fp32", "lora_fa", "lora_grouped", "lora_compile")
 
 
 def prepare(variant: str, model: nn.Module) -> nn.Module:
@@ -67,11 +67,7 @@ def prepare(variant: str, model: nn.Module) -> nn.Module:
         adapter_dtype="float32" if variant == "lora_fp32" else None,
         freeze_A=variant == "lora_fa",
     )
-    inject_lora(model, config)
-    if variant == "lora_unshared":
-        from lora_lightning.sharing import share_inputs
-
-        share_inputs(model, enabled=False)
+    inject_lora(model, config, share_inputs=variant == "lora_grouped")
     if variant == "lora_compile":
         torch._dynamo.reset()  # a fresh cache per size: no recompiles against another shape's guards
         # Regional compilation: every decoder layer runs the same compiled code, so the compile

@@ -35,7 +35,7 @@ from shapes import RANK, SIZES, TARGETS
 
 H200_BF16_FLOPS = 989e12  # dense bf16 tensor-core peak
 H200_BANDWIDTH = 4.8e12  # HBM3e, bytes/s
-VARIANTS = ("floor", "lora_unshared", "lora", "lora_fa", "peft")
+VARIANTS = ("floor", "lora", "lora_grouped", "lora_fa", "peft")
 _FREE = {"aten.view", "aten._unsafe_view", "aten.detach", "aten.alias", "aten.t", "aten.expand", "aten.as_strided"}
 
 
@@ -119,11 +119,9 @@ def prepare(variant: str, model: torch.nn.Module) -> torch.nn.Module:
 
         return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS))
     from lora_lightning import LoRAConfig, inject_lora
-    from lora_lightning.sharing import share_inputs
 
-    inject_lora(model, LoRAConfig(r=RANK, alpha=RANK, target_modules=TARGETS, freeze_A=variant == "lora_fa"))
-    if variant == "lora_unshared":
-        share_inputs(model, enabled=False)
+    config = LoRAConfig(r=RANK, alpha=RANK, target_modules=TARGETS, freeze_A=variant == "lora_fa")
+    inject_lora(model, config, share_inputs=variant == "lora_grouped")
     return model
 
 

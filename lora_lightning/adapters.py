@@ -35,17 +35,21 @@ from lora_lightning.inject import (
     _CONFIG_ATTR,
     LoRAReport,
     _set_submodule,
+    adapted_linear_names,
     inject_lora,
     lora_layers,
     lora_report,
     plan_targets,
     remove_lora_config,
+    trains_bias,
 )
-from lora_lightning.layers import LoRAEmbedding, LoRALinear
+from lora_lightning.layers import LoRALinear
 from lora_lightning.load_plan import choose_config, plan_load, saved_modules, with_file_dtype
 from lora_lightning.merge import merge_and_unload
 
 MERGED_WEIGHTS_NAME = "model.safetensors"
+MERGED_MARKERS = ("config.json", MERGED_WEIGHTS_NAME)  # what marks a directory as a merged export
+ADAPTER_DIR, MERGED_DIR = "adapter", "merged"  # the callback's exports inside its export_dir
 
 
 # -- what belongs to the adapter ---------------------------------------------------------------------
@@ -65,11 +69,9 @@ def _own_adapter_state(root: nn.Module, config: LoRAConfig) -> dict[str, Tensor]
     state = root.state_dict(keep_vars=True)
     out: dict[str, Tensor] = {}
     for name, layer in lora_layers(root).items():
-        out[f"{name}.lora_A"], out[f"{name}.lora_B"] = layer.lora_A, layer.lora_B
-        if config.bias == "lora_only" and isinstance(layer, LoRALinear) and layer.bias is not None:
-            out[f"{name}.base_layer.bias"] = layer.bias
-    if config.bias == "all":  # the rule mark_trainable (and PEFT) trains by
-        out.update({k: v for k, v in state.items() if "bias" in k and isinstance(v, nn.Parameter)})
+        out.update({f"{name}.{role.attr}": getattr(layer, role.attr) for role in layer.variant.roles})
+    linears = adapted_linear_names(root)
+    out.update({k: v for k, v in state.items() if isinstance(v, nn.Parameter) and trains_bias(k, config, linears)})
     for module in saved_modules(root, config):
         out.update({k: v for k, v in state.items() if k.startswith(module + ".")})
     return {key: tensor.detach() for key, tensor in out.items()}
@@ -106,6 +108,19 @@ def _check_destination(target: Path, marker: tuple[str, ...] = ()) -> None:
             f"directory {str(target)!r} is not empty and holds no {' or '.join(marker)} ({entries}); "
             "writing here would replace it as a whole: pick a new or empty directory"
         )
+
+
+def check_export_destination(export_dir: str | os.PathLike) -> None:
+    """The checks the exports into ``export_dir`` (``adapter/``, ``merged/``) make, made up front.
+
+    The callback calls this at setup, so a destination that would be refused at fit end (a file
+    in the way, a directory holding someone else's files) fails before any compute is spent.
+    """
+    root = Path(export_dir)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"export_dir {str(root)!r} exists and is not a directory; pick another path")
+    _check_destination(root / ADAPTER_DIR, (pf.CONFIG_NAME,))
+    _check_destination(root / MERGED_DIR, MERGED_MARKERS)
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -210,11 +225,11 @@ def save_adapter(
     _check_destination(target, (pf.CONFIG_NAME,))
     _, root, config = _adapted_root(model)
     layers = lora_layers(root)
-    embeddings = {name for name, layer in layers.items() if isinstance(layer, LoRAEmbedding)}
-    tensors = {
-        pf.to_peft_key(key, key.rpartition(".")[0] in embeddings): tensor
-        for key, tensor in _own_adapter_state(root, config).items()
-    }
+    tensors = {}
+    for key, tensor in _own_adapter_state(root, config).items():
+        layer = layers.get(key.rpartition(".")[0])
+        roles = layer.variant.roles if layer is not None else ()
+        tensors[pf.to_peft_key(key, roles, layer is not None and layer.kind.embedding)] = tensor
     saved = saved_modules(root, config)
     linear = [layer for layer in layers.values() if isinstance(layer, LoRALinear)]
     if task_type is None:
@@ -223,7 +238,7 @@ def save_adapter(
         config,
         layers,
         saved,
-        fan_in_fan_out=bool(linear) and all(layer.fan_in_fan_out for layer in linear),
+        fan_in_fan_out=bool(linear) and all(layer.kind.transposed for layer in linear),
         task_type=task_type,
         base_model_name_or_path=base_model_name_or_path or _name_or_path(root),
     )
@@ -316,8 +331,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, trainable: b
         inject_lora(model, config)
         layers = lora_layers(model)
         with torch.no_grad():
-            for (name, which), tensor in plan.lora.items():
-                getattr(layers[name], f"lora_{which}").copy_(tensor)
+            for (name, attr), tensor in plan.lora.items():
+                getattr(layers[name], attr).copy_(tensor)
             for key, tensor in plan.state.items():
                 state[key].copy_(tensor)  # the same tensor objects live on under .base_layer
         if not trainable:
@@ -364,7 +379,7 @@ def export_merged(
         The directory.
     """
     target = Path(directory)
-    _check_destination(target, ("config.json", MERGED_WEIGHTS_NAME))
+    _check_destination(target, MERGED_MARKERS)
     if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
         raise TypeError(f"tokenizer must have a save_pretrained(directory) method, got {type(tokenizer).__name__}")
     # A model without LoRA layers (merged and unloaded already) is written as it is: no copy needed.

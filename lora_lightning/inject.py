@@ -6,106 +6,22 @@ model only once the plan is complete, so a failed call leaves the model exactly 
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+import difflib
 
 import torch
 from torch import nn
 
-from lora_lightning.config import LoRAConfig, layer_index
-from lora_lightning.layers import LoRAEmbedding, LoRALinear, is_conv1d, is_linear_like, is_lora_layer
-from lora_lightning.sharing import share_inputs
+from lora_lightning import sharing
+from lora_lightning.config import LoRAConfig, layer_index, name_matches
+from lora_lightning.layers import LoRAEmbedding, LoRALayer, LoRALinear, adaptable_kind, is_lora_layer
+from lora_lightning.report import AdaptedModule, LoRAReport, ParameterSummary, parameter_summary
+from lora_lightning.variants import variant_for
 
 # Top-level children that are output heads by convention; "all-linear" leaves them alone.
-HEAD_NAMES = frozenset({"lm_head", "score", "classifier", "qa_outputs", "cls"})
+# For any module: a child of the root (or of a transformers model inside it) with one of these names.
+# For transformers models also whatever get_output_embeddings() returns, whatever its name.
+HEAD_NAMES = frozenset({"lm_head", "head", "output", "score", "classifier", "qa_outputs", "cls"})
 _CONFIG_ATTR = "_lora_config"
-
-
-@dataclass(frozen=True)
-class AdaptedModule:
-    """One adapted module as the report shows it."""
-
-    name: str
-    kind: str  # base layer type: Linear, Conv1D, Embedding
-    in_features: int
-    out_features: int
-    r: int
-    alpha: float
-    scale: float
-
-    @property
-    def num_params(self) -> int:
-        return self.r * (self.in_features + self.out_features)
-
-
-@dataclass(frozen=True)
-class ParameterSummary:
-    """Trainable and total parameter counts (total includes adapters, as in PEFT)."""
-
-    trainable: int
-    total: int
-
-    @property
-    def trainable_percent(self) -> float:
-        return 100.0 * self.trainable / self.total if self.total else 0.0
-
-    def __str__(self) -> str:
-        return (
-            f"trainable params: {self.trainable:,d} || all params: {self.total:,d} "
-            f"|| trainable%: {self.trainable_percent:.4f}"
-        )
-
-
-@dataclass(frozen=True)
-class LoRAReport:
-    """What :func:`inject_lora` adapted: modules, ranks, extras trained in full, and counts."""
-
-    config: LoRAConfig
-    modules: list[AdaptedModule]
-    modules_to_save: list[str]
-    params: ParameterSummary
-
-    @property
-    def adapter_params(self) -> int:
-        return sum(m.num_params for m in self.modules)
-
-    def rows(self, max_rows: int = 40) -> list[tuple[str, str, str, str, str]]:
-        """(module, type, in, out, r) per adapted module; past ``max_rows`` modules that differ
-        only in block index collapse into one row (``model.layers.*.mlp.up_proj (x32)``)."""
-        if len(self.modules) <= max_rows:
-            return [(m.name, m.kind, str(m.in_features), str(m.out_features), str(m.r)) for m in self.modules]
-        groups: dict[tuple[str, str, int, int, int], int] = {}
-        for m in self.modules:
-            key = (re.sub(r"\.\d+(?=\.)", ".*", m.name), m.kind, m.in_features, m.out_features, m.r)
-            groups[key] = groups.get(key, 0) + 1
-        return [
-            (f"{name} (x{count})" if count > 1 else name, kind, str(i), str(o), str(r))
-            for (name, kind, i, o, r), count in groups.items()
-        ]
-
-    def table(self, max_rows: int = 40) -> str:
-        """A plain-text table of adapted modules (name, type, in, out, r); see :meth:`rows`."""
-        rows = self.rows(max_rows)
-        header = ("module", "type", "in", "out", "r")
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in [header, *rows]]
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return f"{self.table()}\n{self.params}"
-
-
-def parameter_summary(model: nn.Module) -> ParameterSummary:
-    """Trainable / total parameter counts; ``str()`` of it is PEFT's familiar line.
-
-    Tied parameters count once (``nn.Module.parameters`` deduplicates them), as in PEFT.
-    """
-    trainable = total = 0
-    for param in model.parameters():
-        total += param.numel()
-        if param.requires_grad:
-            trainable += param.numel()
-    return ParameterSummary(trainable=trainable, total=total)
 
 
 def get_lora_config(model: nn.Module) -> LoRAConfig | None:
@@ -117,13 +33,9 @@ def get_lora_config(model: nn.Module) -> LoRAConfig | None:
     return None
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear | LoRAEmbedding]:
+def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
     """Every LoRA layer of the model by its full name (the name the original module had)."""
     return {name: module for name, module in model.named_modules() if is_lora_layer(module)}
-
-
-def _kind(module: nn.Module) -> str:
-    return type(module.base_layer if is_lora_layer(module) else module).__name__
 
 
 def _candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -162,12 +74,35 @@ def _output_head_names(model: nn.Module, candidates: list[tuple[str, nn.Module]]
     return names
 
 
+def _is_linear(module: nn.Module) -> bool:
+    kind = adaptable_kind(module)
+    return kind is not None and not kind.embedding
+
+
 def _leaf_names(candidates: list[tuple[str, nn.Module]]) -> list[str]:
     seen: dict[str, None] = {}
     for name, module in candidates:
-        if is_linear_like(module) or isinstance(module, (nn.Embedding, LoRAEmbedding)):
+        if adaptable_kind(module) is not None:
             seen.setdefault(name.rsplit(".", 1)[-1], None)
     return list(seen)
+
+
+def _check_every_entry_matches(entries: list[str], candidates: list[tuple[str, nn.Module]]) -> None:
+    """A list entry that names no module is almost always a typo that would silently train less."""
+    names = [name for name, _ in candidates]
+    unmatched = [entry for entry in entries if not any(name_matches(name, [entry]) for name in names)]
+    if not unmatched:
+        return
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
+    hints = []
+    for entry in unmatched:
+        close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], leaves, n=3, cutoff=0.5)
+        close += [n for n in difflib.get_close_matches(entry, names, n=3, cutoff=0.6) if n not in close]
+        hints.append(f"{entry!r} (nearest module names: {', '.join(close[:4]) or 'none close'})")
+    raise ValueError(
+        f"target_modules entr{'y' if len(unmatched) == 1 else 'ies'} matched no module: {'; '.join(hints)}; "
+        "fix the name, or set allow_unmatched_targets=True when the list covers several model families"
+    )
 
 
 def plan_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Module]]:
@@ -181,11 +116,13 @@ def plan_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
     candidates = _candidate_modules(model)
     if config.is_all_linear:
         heads = _output_head_names(model, candidates)
-        by_name = [(n, m) for n, m in candidates if is_linear_like(m) and n not in heads]
+        by_name = [(n, m) for n, m in candidates if _is_linear(m) and n not in heads]
     else:
         by_name = [(n, m) for n, m in candidates if config.matches_name(n)]
     by_name = [(n, m) for n, m in by_name if not config.is_excluded(n)]
 
+    if isinstance(config.target_modules, list) and by_name and not config.allow_unmatched_targets:
+        _check_every_entry_matches(config.target_modules, candidates)
     if not by_name:
         leaves = ", ".join(_leaf_names(candidates)) or "(none)"
         what = (
@@ -208,9 +145,7 @@ def plan_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
             raise ValueError(f"layers_to_transform {missing} out of range: the targeted modules sit in layers {have}")
         by_name = [(n, m) for n, m in by_name if config.in_selected_layers(n)]
 
-    unsupported = [
-        (n, m) for n, m in by_name if not (is_linear_like(m) or isinstance(m, (nn.Embedding, LoRAEmbedding)))
-    ]
+    unsupported = [(n, m) for n, m in by_name if adaptable_kind(m) is None]
     if unsupported:
         listed = ", ".join(f"{n} ({type(m).__name__})" for n, m in unsupported[:5])
         raise TypeError(
@@ -218,7 +153,7 @@ def plan_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
             "LoRA adapts nn.Linear, transformers Conv1D and nn.Embedding: name the linear layers inside instead"
         )
     if config.freeze_A:
-        embeddings = [n for n, m in by_name if isinstance(m, (nn.Embedding, LoRAEmbedding))]
+        embeddings = [n for n, m in by_name if adaptable_kind(m).embedding]
         if embeddings:
             raise ValueError(
                 f"freeze_A=True cannot adapt embedding {embeddings[0]!r}: its A starts at zero, so with A "
@@ -227,16 +162,15 @@ def plan_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
 
     names = {n for n, _ in candidates}
     for entry in config.modules_to_save or ():
-        if not any(n == entry or n.endswith("." + entry) for n in names):
+        if not any(name_matches(n, [entry]) for n in names):
             raise ValueError(f"modules_to_save entry {entry!r} matched no module in this model")
     return by_name
 
 
-def _check_weight_dtype(name: str, module: nn.Module) -> None:
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        kind = "no weight" if weight is None else f"weight of dtype {weight.dtype}"
-        raise TypeError(f"module {name!r} ({type(module).__name__}) has {kind}; LoRA needs a floating-point weight")
+def _check_base(name: str, module: nn.Module) -> None:
+    problem = adaptable_kind(module).problem(module)
+    if problem is not None:
+        raise TypeError(f"module {name!r} ({type(module).__name__}) {problem}")
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -246,8 +180,26 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _modules_to_save(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Module]]:
-    entries = config.modules_to_save or ()
-    return [(n, m) for n, m in model.named_modules() if n and any(n == e or n.endswith("." + e) for e in entries)]
+    entries = config.modules_to_save or []
+    return [(n, m) for n, m in model.named_modules() if n and name_matches(n, entries)]
+
+
+def trains_bias(key: str, config: LoRAConfig, adapted_linears: set[str]) -> bool:
+    """Whether ``config.bias`` trains the tensor under this (post-injection) state_dict key.
+
+    ``"all"``: every key containing "bias" (PEFT's rule, so counts and files agree with it);
+    ``"lora_only"``: the bias of an adapted linear (``<name>.base_layer.bias``).
+    """
+    if config.bias == "all":
+        return "bias" in key
+    if config.bias == "lora_only":
+        module, _, leaf = key.rpartition(".base_layer.")
+        return leaf == "bias" and module in adapted_linears
+    return False
+
+
+def adapted_linear_names(model: nn.Module) -> set[str]:
+    return {name for name, layer in lora_layers(model).items() if isinstance(layer, LoRALinear)}
 
 
 def mark_trainable(model: nn.Module, config: LoRAConfig) -> None:
@@ -255,14 +207,14 @@ def mark_trainable(model: nn.Module, config: LoRAConfig) -> None:
     for param in model.parameters():
         param.requires_grad_(False)
     for layer in lora_layers(model).values():
-        layer.lora_A.requires_grad_(not (config.freeze_A and isinstance(layer, LoRALinear)))
-        layer.lora_B.requires_grad_(True)
-        if config.bias == "lora_only" and layer.bias is not None:
-            layer.bias.requires_grad_(True)
-    if config.bias == "all":
-        for name, param in model.named_parameters():
-            if "bias" in name:  # PEFT's rule, so counts agree with it
-                param.requires_grad_(True)
+        for role in layer.variant.roles:
+            getattr(layer, role.attr).requires_grad_(True)
+        if config.freeze_A and isinstance(layer, LoRALinear):
+            layer.lora_A.requires_grad_(False)
+    linears = adapted_linear_names(model)
+    for name, param in model.named_parameters():
+        if trains_bias(name, config, linears):
+            param.requires_grad_(True)
     for _, module in _modules_to_save(model, config):
         for param in module.parameters():
             param.requires_grad_(True)
@@ -276,7 +228,7 @@ def lora_report(model: nn.Module, config: LoRAConfig | None = None) -> LoRARepor
     modules = [
         AdaptedModule(
             name=name,
-            kind=_kind(layer),
+            kind=layer.kind.name,
             in_features=layer.in_features,
             out_features=layer.out_features,
             r=layer.r,
@@ -289,7 +241,7 @@ def lora_report(model: nn.Module, config: LoRAConfig | None = None) -> LoRARepor
     return LoRAReport(config=config, modules=modules, modules_to_save=saved, params=parameter_summary(model))
 
 
-def inject_lora(model: nn.Module, config: LoRAConfig) -> LoRAReport:
+def inject_lora(model: nn.Module, config: LoRAConfig, *, share_inputs: bool = False) -> LoRAReport:
     """Swap the selected modules for LoRA layers in place and freeze everything else.
 
     Works on the meta device (adapter factors are created where the base weight lives), so a
@@ -301,6 +253,9 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> LoRAReport:
     Args:
         model: any ``nn.Module``; modified in place.
         config: what to adapt.
+        share_inputs: compute adapted linears that read one tensor (q, k, v; gate, up) as one
+            autograd node (:mod:`lora_lightning.sharing`); off by default: its gain is unmeasured
+            on a GPU. ``lora_lightning.share_inputs(model, enabled)`` switches it later.
 
     Returns:
         A :class:`LoRAReport` of adapted modules and parameter counts.
@@ -324,28 +279,25 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> LoRAReport:
 
     targets = plan_targets(model, config)
     for name, module in targets:
-        _check_weight_dtype(name, module)
-    dtype = getattr(torch, config.adapter_dtype) if config.adapter_dtype else None
-
+        _check_base(name, module)
+    options = {
+        "use_rslora": config.use_rslora,
+        "init": config.init_lora_weights,
+        "init_std": config.init_std,
+        "dtype": getattr(torch, config.adapter_dtype) if config.adapter_dtype else None,
+        "variant": variant_for(config),
+    }
     for name, module in targets:
-        layer_cls = LoRAEmbedding if isinstance(module, nn.Embedding) else LoRALinear
-        _set_submodule(
-            model,
-            name,
-            layer_cls(
-                module,
-                r=config.rank_for(name),
-                alpha=config.alpha_for(name),
-                dropout=config.dropout,
-                use_rslora=config.use_rslora,
-                init=config.init_lora_weights,
-                init_std=config.init_std,
-                dtype=dtype,
-            ),
-        )
+        r, alpha = config.rank_for(name), config.alpha_for(name)
+        if adaptable_kind(module).embedding:
+            layer: LoRALayer = LoRAEmbedding(module, r, alpha, **options)
+        else:
+            layer = LoRALinear(module, r, alpha, dropout=config.dropout, **options)
+        _set_submodule(model, name, layer)
     setattr(model, _CONFIG_ATTR, config)
     mark_trainable(model, config)
-    share_inputs(model)
+    if share_inputs:
+        sharing.share_inputs(model)
     return lora_report(model, config)
 
 
@@ -355,7 +307,7 @@ def remove_lora_config(model: nn.Module) -> None:
     The plain model keeps nothing of lora_lightning: no attribute, no hook holding the removed
     layers alive.
     """
-    share_inputs(model, enabled=False)
+    sharing.share_inputs(model, enabled=False)
     for module in model.modules():
         if _CONFIG_ATTR in vars(module):
             delattr(module, _CONFIG_ATTR)
@@ -367,7 +319,6 @@ __all__ = [
     "ParameterSummary",
     "get_lora_config",
     "inject_lora",
-    "is_conv1d",
     "lora_layers",
     "lora_report",
     "mark_trainable",

@@ -11,8 +11,15 @@ memory) and ``x A^T`` (N x r) are saved. With A frozen (LoRA-FA) ``x`` is not sa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 from torch import Tensor
+
+#: one adapted linear's operands: ``(W (out, in), b (out,) or None, A (r, in), B (out, r), scale)``
+Terms = tuple[Tensor, Tensor | None, Tensor, Tensor, float]
+_Out = TypeVar("_Out")
 
 
 def _scaled(t: Tensor, scale: float) -> Tensor:
@@ -49,16 +56,7 @@ class LoRALinearFunction(torch.autograd.Function):
     """Autograd function for the adapted linear; see :func:`lora_linear` for the contract."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        lora_A: Tensor,
-        lora_B: Tensor,
-        scale: float,
-        x_lora: Tensor | None,
-    ) -> Tensor:
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, x_lora):  # type: ignore[override]  # (lora_linear's)
         in_features = x.shape[-1]
         x2 = x.reshape(-1, in_features)  # (N, in); a view for contiguous x
         xl2 = x2 if x_lora is None else x_lora.reshape(-1, in_features)
@@ -134,20 +132,6 @@ def lora_linear(
         ``(*, out)`` in ``x.dtype``.
     """
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, x_lora)
-
-
-def lora_linear_reference(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scale: float,
-    x_lora: Tensor | None = None,
-) -> Tensor:
-    """The same formula in plain autograd: the reference the fused function is tested against."""
-    x_lora = x if x_lora is None else x_lora
-    return torch.nn.functional.linear(x, weight, bias) + scale * (x_lora @ lora_A.t()) @ lora_B.t()
 
 
 class SharedInputLoRAFunction(torch.autograd.Function):
@@ -259,3 +243,34 @@ def shared_input_lora_linear(
     for weight, bias, lora_A, lora_B, _ in members:
         flat += [weight, bias, lora_A, lora_B]
     return SharedInputLoRAFunction.apply(x, tuple(m[4] for m in members), *flat)
+
+
+def _as_autocast_would(
+    x: Tensor,
+    members: list[Terms],
+    x_lora: Tensor | None,
+    compute: Callable[[Tensor, list[Terms], Tensor | None], _Out],
+) -> _Out:
+    """Run ``compute`` on the operands autocast would give ``F.linear``, with autocast off.
+
+    Under autocast, ``F.linear`` casts input, weight and bias to the autocast dtype; do exactly that
+    (never the factors: the kernels cast them), then run with autocast off so every GEMM sees one
+    dtype. Without autocast the operands pass unchanged.
+    """
+    device_type = x.device.type
+    dtype = autocast_dtype(device_type)
+    if dtype is None:
+        return compute(x, members, x_lora)
+    cast = [(w.to(dtype), None if b is None else b.to(dtype), A, B, s) for w, b, A, B, s in members]
+    with torch.autocast(device_type, enabled=False):
+        return compute(x.to(dtype), cast, None if x_lora is None else x_lora.to(dtype))
+
+
+def fused_lora_linear(x: Tensor, terms: Terms, x_lora: Tensor | None = None) -> Tensor:
+    """One adapted linear through :func:`lora_linear`, as autocast would run it (see :func:`lora_linear`)."""
+    return _as_autocast_would(x, [terms], x_lora, lambda x, m, xl: lora_linear(x, *m[0], xl))
+
+
+def fused_shared_input(x: Tensor, members: list[Terms]) -> tuple[Tensor, ...]:
+    """Several adapted linears on one input through :func:`shared_input_lora_linear`, as autocast would run them."""
+    return _as_autocast_would(x, members, None, lambda x, m, _: shared_input_lora_linear(x, m))

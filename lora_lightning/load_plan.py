@@ -19,8 +19,9 @@ from torch import Tensor, nn
 
 from lora_lightning import peft_format as pf
 from lora_lightning.config import ADAPTER_DTYPES, LoRAConfig
-from lora_lightning.inject import _modules_to_save, plan_targets
-from lora_lightning.layers import is_conv1d
+from lora_lightning.inject import _modules_to_save, plan_targets, trains_bias
+from lora_lightning.layers import adaptable_kind
+from lora_lightning.variants import TensorRole, roles_of
 
 _MAX_LISTED = 12  # problems listed in one error before "... and N more"
 
@@ -62,57 +63,88 @@ def choose_config(model: nn.Module, data: dict[str, Any], metadata: dict[str, st
 
 @dataclass
 class LoadPlan:
-    """Where each file tensor goes: LoRA factors by module, everything else by (pre-injection) state_dict key."""
+    """Where each file tensor goes: adapter tensors by (module, role attr), everything else by
+    (pre-injection) state_dict key."""
 
     config: LoRAConfig
-    lora: dict[tuple[str, str], Tensor] = field(default_factory=dict)  # (module, "A" / "B") -> tensor
+    lora: dict[tuple[str, str], Tensor] = field(default_factory=dict)  # (module, "lora_A", ...) -> tensor
     state: dict[str, Tensor] = field(default_factory=dict)  # model state_dict key -> tensor
     problems: list[str] = field(default_factory=list)
 
 
-def _target_shapes(targets: list[tuple[str, nn.Module]], config: LoRAConfig) -> dict[str, tuple[str, int, int, int]]:
-    """module -> (kind, in, out, r): A must be (r, in) and B (out, r)."""
-    shapes = {}
+@dataclass(frozen=True)
+class _Target:
+    """What a target module's adapter tensors must look like."""
+
+    embedding: bool
+    in_features: int
+    out_features: int
+    r: int
+
+    @property
+    def kind(self) -> str:
+        return "embedding" if self.embedding else "linear"
+
+
+def _targets(targets: list[tuple[str, nn.Module]], config: LoRAConfig) -> dict[str, _Target]:
+    found = {}
     for name, module in targets:
-        if getattr(module, "weight", None) is not None and module.weight.is_meta:
+        kind = adaptable_kind(module)
+        if kind.is_meta(module):
             raise ValueError(f"module {name!r} has its weight on the meta device; load the base weights first")
-        if isinstance(module, nn.Embedding):
-            shapes[name] = ("embedding", *module.weight.shape, config.rank_for(name))
-        else:
-            out_f, in_f = module.weight.shape[::-1] if is_conv1d(module) else module.weight.shape
-            shapes[name] = ("linear", in_f, out_f, config.rank_for(name))
-    return shapes
+        found[name] = _Target(kind.embedding, *kind.features(module), config.rank_for(name))
+    return found
 
 
-def _check_lora_tensor(plan: LoadPlan, key: pf.FileKey, tensor: Tensor, shapes: dict) -> None:
-    info = shapes.get(key.module)
-    if info is None:
+def _check_lora_tensor(plan: LoadPlan, key: pf.FileKey, tensor: Tensor, targets: dict[str, _Target]) -> None:
+    target = targets.get(key.module)
+    role: TensorRole = key.role  # type: ignore[assignment]
+    if target is None:
         plan.problems.append(f"unexpected key {key.file_key!r}: module {key.module!r} is not adapted by this config")
         return
-    kind, in_f, out_f, r = info
-    if (kind == "embedding") != key.role.startswith("embedding"):
-        named = "lora_embedding_A/B" if kind == "embedding" else "lora_A/B.weight"
-        plan.problems.append(f"key {key.file_key!r}: {key.module!r} is a {kind} module, PEFT stores it as {named}")
+    if target.embedding != key.embedding:
+        named = role.file_name(target.embedding)
+        stored = named.stem if named is not None else f"no {role.attr}"
+        plan.problems.append(
+            f"key {key.file_key!r}: {key.module!r} is a {target.kind} module, PEFT stores it as {stored}"
+        )
         return
-    which = key.role[-1]
-    expected = (r, in_f) if which == "A" else (out_f, r)
+    if role not in roles_of(plan.config):
+        plan.problems.append(f"unexpected key {key.file_key!r}: this adapter's config has no {role.attr}")
+        return
+    expected = role.shape(target.in_features, target.out_features, target.r)
     shape = tuple(tensor.shape)
     if shape != expected:
-        rank_axis = 0 if which == "A" else 1
-        if len(shape) == 2 and shape[1 - rank_axis] == expected[1 - rank_axis]:
+        rank_axes = [i for i, size in enumerate(role.shape(-1, -2, -3)) if size == -3]
+        others_match = len(shape) == len(expected) and all(
+            a == b for i, (a, b) in enumerate(zip(shape, expected, strict=True)) if i not in rank_axes
+        )
+        if rank_axes and others_match:
             plan.problems.append(
-                f"rank mismatch at {key.file_key!r}: the tensor has rank {shape[rank_axis]}, the config gives "
-                f"{key.module!r} r={r} (r={plan.config.r}, rank_pattern={plan.config.rank_pattern})"
+                f"rank mismatch at {key.file_key!r}: the tensor has rank {shape[rank_axes[0]]}, the config gives "
+                f"{key.module!r} r={target.r} (r={plan.config.r}, rank_pattern={plan.config.rank_pattern})"
             )
         else:
             plan.problems.append(
-                f"shape mismatch at {key.file_key!r}: got {shape}, {key.module!r} ({kind}, in={in_f}, out={out_f}, "
-                f"r={r}) needs lora_{which} of shape {expected}"
+                f"shape mismatch at {key.file_key!r}: got {shape}, {key.module!r} ({target.kind}, "
+                f"in={target.in_features}, out={target.out_features}, r={target.r}) needs {role.attr} of shape "
+                f"{expected}"
             )
     elif not tensor.is_floating_point():
-        plan.problems.append(f"key {key.file_key!r} has dtype {tensor.dtype}; LoRA factors must be floating point")
+        plan.problems.append(f"key {key.file_key!r} has dtype {tensor.dtype}; LoRA tensors must be floating point")
+    elif _non_finite(plan, key.file_key, tensor):
+        return
     else:
-        _provide(plan, plan.lora, (key.module, which), key.file_key, tensor)
+        _provide(plan, plan.lora, (key.module, role.attr), key.file_key, tensor)
+
+
+def _non_finite(plan: LoadPlan, file_key: str, tensor: Tensor) -> bool:
+    """Record a tensor holding NaN or inf (a diverged run saved as is): it would silently poison the model."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        count = int((~torch.isfinite(tensor)).sum())
+        plan.problems.append(f"key {file_key!r} holds {count} NaN or inf value(s); a damaged adapter is never loaded")
+        return True
+    return False
 
 
 def _provide(plan: LoadPlan, slots: dict, slot: Any, file_key: str, tensor: Tensor) -> None:
@@ -126,37 +158,32 @@ def _provide(plan: LoadPlan, slots: dict, slot: Any, file_key: str, tensor: Tens
 def plan_load(model: nn.Module, config: LoRAConfig, tensors: dict[str, Tensor], source: str) -> LoadPlan:
     """Match every file tensor to its place in the adapted model, without touching the model."""
     plan = LoadPlan(config)
-    targets = plan_targets(model, config)
-    shapes = _target_shapes(targets, config)
+    targets = _targets(plan_targets(model, config), config)
     state = model.state_dict(keep_vars=True)
     # state_dict keys as they read after injection: a target's own tensors move under ".base_layer".
     pre_key = {}
     for key in state:
         module, _, leaf = key.rpartition(".")
-        pre_key[f"{module}.base_layer.{leaf}" if module in shapes else key] = key
+        pre_key[f"{module}.base_layer.{leaf}" if module in targets else key] = key
     saved = saved_modules(model, config)
     in_saved = {k for k in pre_key if any(k.startswith(m + ".") for m in saved)}
-    required, allowed = set(in_saved), set(in_saved)
-    if config.bias == "all":
-        allowed |= {k for k in pre_key if "bias" in k}
-        params = {k for k in pre_key if isinstance(state[pre_key[k]], nn.Parameter)}
-        required |= {k for k in params if k == "bias" or k.endswith(".bias")}
-    elif config.bias == "lora_only":
-        own = {f"{n}.base_layer.bias" for n, info in shapes.items() if info[0] == "linear"} & set(pre_key)
-        required |= own
-        allowed |= own
+    linears = {name for name, target in targets.items() if not target.embedding}
+    biases = {k for k in pre_key if trains_bias(k, config, linears)}
+    # What our save writes (and PEFT's): trained bias parameters; PEFT's bias="all" also writes buffers.
+    required = in_saved | {k for k in biases if isinstance(state[pre_key[k]], nn.Parameter)}
+    allowed = in_saved | biases
     # PEFT also saves the full base weight of an adapted embedding / lm_head (save_embedding_layers).
-    allowed |= {k for k in pre_key if k.partition(".base_layer.")[0] in shapes and ".base_layer." in k}
+    allowed |= {k for k in pre_key if k.partition(".base_layer.")[0] in targets and ".base_layer." in k}
 
     adapters = set()
     for file_key, tensor in tensors.items():
         key = pf.parse_file_key(file_key)
-        if key.adapter is not None and key.role != "state":
+        if key.role is not None and key.adapter is not None:
             adapters.add(key.adapter)
-        if key.role in ("lora_A", "lora_B", "embedding_A", "embedding_B"):
-            _check_lora_tensor(plan, key, tensor, shapes)
+        if key.role is not None:
+            _check_lora_tensor(plan, key, tensor, targets)
             continue
-        if key.role == "original" and any(key.module == m or key.module.startswith(m + ".") for m in saved):
+        if key.original and any(key.module == m or key.module.startswith(m + ".") for m in saved):
             continue  # PEFT's frozen copy of a modules_to_save module: the forward never uses it
         slot = next((k for k in key.own_keys if k in allowed), None)
         if slot is None:
@@ -179,16 +206,18 @@ def plan_load(model: nn.Module, config: LoRAConfig, tensors: dict[str, Tensor], 
         if current.is_meta:
             plan.problems.append(f"{slot!r} is on the meta device; load the base weights first")
             continue
+        if _non_finite(plan, file_key, tensor):
+            continue
         _provide(plan, plan.state, pre_key[slot], file_key, tensor)
     if len(adapters) > 1:
         plan.problems.append(
             f"the file mixes tensors of several adapters {sorted(adapters)}; save one adapter per file"
         )
-    for name, (kind, *_rest) in shapes.items():
-        for which in "AB":
-            if (name, which) not in plan.lora:
-                peft_key = pf.to_peft_key(f"{name}.lora_{which}", kind == "embedding")
-                plan.problems.append(f"missing key {peft_key!r}: adapted module {name!r} gets no lora_{which}")
+    for name, target in targets.items():
+        for role in roles_of(config):
+            if (name, role.attr) not in plan.lora:
+                peft_key = pf.lora_file_key(name, role, target.embedding)
+                plan.problems.append(f"missing key {peft_key!r}: adapted module {name!r} gets no {role.attr}")
     provided = {k for k in pre_key if pre_key[k] in plan.state}
     for slot in sorted(required - provided):
         owner = next((m for m in saved if slot.startswith(m + ".")), None)
@@ -207,7 +236,8 @@ def with_file_dtype(config: LoRAConfig, plan: LoadPlan, model: nn.Module) -> LoR
     if config.adapter_dtype is not None:
         return config
     dtypes = {tensor.dtype for tensor in plan.lora.values()}
-    bases = {model.get_submodule(name).weight.dtype for name, _ in plan.lora}
+    modules = {name: model.get_submodule(name) for name, _ in plan.lora}
+    bases = {adaptable_kind(module).compute_dtype(module) for module in modules.values()}
     names = {getattr(torch, name): name for name in ADAPTER_DTYPES}
     if len(dtypes) == 1 and (dtype := dtypes.pop()) in names and bases != {dtype}:
         return LoRAConfig.from_dict({**config.to_dict(), "adapter_dtype": names[dtype]})

@@ -26,7 +26,7 @@ def _untie_adapted_weights(model: nn.Module) -> None:
             holders.setdefault(id(param), []).append((module_name, module, param_name))
     untied: list[str] = []
     for layer in lora_layers(model).values():
-        weight = layer.base_layer.weight
+        weight = layer.weight
         for module_name, module, param_name in holders.get(id(weight), []):
             if module is not layer.base_layer and getattr(module, param_name) is weight:
                 setattr(module, param_name, nn.Parameter(weight.detach().clone(), weight.requires_grad))

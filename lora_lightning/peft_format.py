@@ -20,7 +20,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lora_lightning.config import LoRAConfig
+from lora_lightning.config import LoRAConfig, name_matches
+from lora_lightning.variants import ALL_ROLES, TensorRole
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -160,6 +161,8 @@ def config_from_peft(data: Mapping[str, Any], source: str = CONFIG_NAME) -> LoRA
             alpha_pattern=value["alpha_pattern"] or {},
             modules_to_save=value["modules_to_save"] or None,
             init_lora_weights="gaussian" if init == "gaussian" else "kaiming",
+            # PEFT lets entries that name no module pass; the file's tensors are checked one by one.
+            allow_unmatched_targets=True,
         )
     except (TypeError, ValueError) as err:
         raise ValueError(
@@ -177,7 +180,7 @@ def drop_absent_task_heads(config: LoRAConfig, task_type: str | None, module_nam
     if not heads or not config.modules_to_save:
         return config
     names = list(module_names)
-    kept = [m for m in config.modules_to_save if m not in heads or any(n == m or n.endswith("." + m) for n in names)]
+    kept = [m for m in config.modules_to_save if m not in heads or any(name_matches(n, [m]) for n in names)]
     if kept == config.modules_to_save:
         return config
     return LoRAConfig.from_dict({**config.to_dict(), "modules_to_save": kept or None})
@@ -221,65 +224,83 @@ def peft_config_dict(
 
 # -- tensor key names ------------------------------------------------------------------------------
 
-_LORA_FILE_KEY = re.compile(r"^(?P<module>.+)\.(?P<role>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
-_EMBEDDING_FILE_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<ab>A|B)(?:\.(?P<adapter>[^.]+))?$")
 _WRAPPED_FILE_KEY = re.compile(r"^(?P<module>.+)\.(?P<role>modules_to_save|original_module)\.(?P<rest>.+)$")
 
 
-def to_peft_key(own_key: str, is_embedding: bool = False) -> str:
+def _role_patterns(roles: Iterable[TensorRole]) -> list[tuple[re.Pattern[str], TensorRole, bool]]:
+    """One regex per (role, layer kind): ``<module>.<stem><saved>`` or raw ``<module>.<stem>.<adapter><raw>``."""
+    patterns = []
+    for role in roles:
+        for embedding in (False, True):
+            name = role.file_name(embedding)
+            if name is None:
+                continue
+            saved, raw = re.escape(name.saved), re.escape(name.raw)
+            regex = rf"^(?P<module>.+)\.{re.escape(name.stem)}(?:{saved}|\.(?P<adapter>[^.]+){raw})$"
+            patterns.append((re.compile(regex), role, embedding))
+    return patterns
+
+
+_PATTERNS = _role_patterns(ALL_ROLES)
+
+
+def lora_file_key(module: str, role: TensorRole, embedding: bool) -> str:
+    """PEFT's file key of one adapter tensor: ``base_model.model.q_proj.lora_A.weight``."""
+    name = role.file_name(embedding)
+    if name is None:
+        raise ValueError(f"{role.attr} has no PEFT key on {'an embedding' if embedding else 'a linear layer'}")
+    return f"{PEFT_PREFIX}{module}.{name.stem}{name.saved}"
+
+
+def to_peft_key(own_key: str, roles: Iterable[TensorRole], embedding: bool = False) -> str:
     """Our state_dict key (relative to the adapted root) -> PEFT's file key.
 
     ``q_proj.lora_A`` -> ``base_model.model.q_proj.lora_A.weight``; for an embedding
     ``embed.lora_A`` -> ``base_model.model.embed.lora_embedding_A``; any other key keeps its name.
     """
     module, _, leaf = own_key.rpartition(".")
-    if leaf in ("lora_A", "lora_B"):
-        if is_embedding:
-            return f"{PEFT_PREFIX}{module}.lora_embedding_{leaf[-1]}"
-        return f"{PEFT_PREFIX}{own_key}.weight"
-    return PEFT_PREFIX + own_key
+    role = next((role for role in roles if role.attr == leaf), None)
+    return lora_file_key(module, role, embedding) if role is not None else PEFT_PREFIX + own_key
 
 
 @dataclass(frozen=True)
 class FileKey:
     """One tensor of an adapter file, parsed.
 
-    ``role`` is ``lora_A`` / ``lora_B`` (linear factors), ``embedding_A`` / ``embedding_B``,
-    ``original`` (PEFT's untouched copy inside a modules_to_save wrapper) or ``state`` (a model
-    state_dict entry: bias, modules_to_save parameter, base weight). ``own_keys`` are the model keys
-    it may stand for, most likely first.
+    ``role`` is the adapter tensor's :class:`TensorRole` (``lora_A``, ``lora_B``, ...) with
+    ``embedding`` telling which of PEFT's names it had, or None for any other tensor: ``original``
+    is then True for PEFT's untouched copy inside a modules_to_save wrapper, and ``own_keys`` are
+    the model state_dict keys it may stand for (bias, modules_to_save parameter, base weight), most
+    likely first.
     """
 
     file_key: str
     module: str
-    role: str
+    role: TensorRole | None
+    embedding: bool
     adapter: str | None
-    own_keys: tuple[str, ...]
+    own_keys: tuple[str, ...] = ()
+    original: bool = False
 
 
 def parse_file_key(file_key: str) -> FileKey:
     """Parse a PEFT file key; the ``base_model.model.`` prefix is optional, the adapter name too."""
     key = file_key.removeprefix(PEFT_PREFIX)
-    match = _LORA_FILE_KEY.match(key)
-    if match:
-        module, role = match["module"], match["role"]
-        return FileKey(file_key, module, role, match["adapter"], (f"{module}.{role}",))
-    match = _EMBEDDING_FILE_KEY.match(key)
-    if match:
-        module, ab = match["module"], match["ab"]
-        return FileKey(file_key, module, f"embedding_{ab}", match["adapter"], (f"{module}.lora_{ab}",))
+    for pattern, role, embedding in _PATTERNS:
+        match = pattern.match(key)
+        if match:
+            return FileKey(file_key, match["module"], role, embedding, match["adapter"])
     match = _WRAPPED_FILE_KEY.match(key)
     if match:
         module, rest = match["module"], match["rest"]
         if match["role"] == "original_module":
-            return FileKey(file_key, module, "original", None, (f"{module}.{rest}",))
+            return FileKey(file_key, module, None, False, None, (f"{module}.{rest}",), original=True)
         # "<m>.modules_to_save.<adapter>.<param>" (raw state_dict) or "<m>.modules_to_save.<param>"
         # (PEFT's bias="all" rule saves it so): the caller picks whichever names a real key.
         head, _, tail = rest.partition(".")
         candidates = (f"{module}.{tail}", f"{module}.{rest}") if tail else (f"{module}.{rest}",)
-        return FileKey(file_key, module, "state", head if tail else None, candidates)
-    module = key.rpartition(".")[0]
-    return FileKey(file_key, module, "state", None, (key,))
+        return FileKey(file_key, module, None, False, head if tail else None, candidates)
+    return FileKey(file_key, key.rpartition(".")[0], None, False, None, (key,))
 
 
 # -- task type -------------------------------------------------------------------------------------

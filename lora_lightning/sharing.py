@@ -1,51 +1,45 @@
-"""Adapted linears that read the same input tensor are computed as one node.
+"""Adapted linears that read the same input tensor, computed as one node (opt-in).
 
-Attention calls ``q_proj(h)``, ``k_proj(h)``, ``v_proj(h)`` one after another on the same tensor
-``h``, and an MLP calls ``gate_proj(h)`` and ``up_proj(h)``. One by one, each adapted layer's
-backward reads ``h`` for its ``dA`` and adds its own adapter term into its own ``dh``, and autograd
-then adds the layers' ``dh`` together; those passes over ``h``-sized tensors are most of what LoRA
-adds to a frozen model's step on a GPU. Computed together
-(:class:`~lora_lightning.kernels.SharedInputLoRAFunction`) ``h`` is read once for every ``dA`` and
-``dh`` is written once.
+Attention calls ``q_proj(h)``, ``k_proj(h)``, ``v_proj(h)`` on one tensor ``h``, an MLP calls
+``gate_proj(h)`` and ``up_proj(h)``. One by one, each adapted layer's backward reads ``h`` for its
+``dA`` and adds its adapter term into its own ``dh``, and autograd then adds the layers' ``dh``;
+computed together (:class:`~lora_lightning.kernels.SharedInputLoRAFunction`) ``h`` is read once
+for every ``dA`` and ``dh`` is written once. Off by default (``inject_lora(...,
+share_inputs=True)``, ``LoRACallback(share_inputs=True)``, or :func:`share_inputs`): its modelled
+GPU gain (about 3%) is not measured yet.
 
-Which layers share an input is learnt, not assumed from module names, so any architecture works.
-Each module's adapted linear children with the same input width start as one speculative
-:class:`InputGroup`. Grouping happens only inside one call of that parent module (its forward
-pre- and post-hooks open and close a *round*): the first member called computes every member's
-output and keeps the others', and a member's own call returns its kept output after checking it
-received the very same tensor (object identity, version counter, grad and autocast mode). A member
-called with another tensor (``o_proj``, which reads the attention output; k and v in
-cross-attention) starts a computation of the members not yet served, from its tensor. Kept outputs
-never outlive the parent's call. At a later round the group is cut into what the last round
-showed: members served by one computation stay together, the others (and members never called)
-run alone.
+Which layers share an input is observed, never assumed from names. Each module's groupable
+adapted children of one input width start as a *candidate* group: in a call of the parent (a
+*round*, opened and closed by its forward hooks) every candidate runs alone, and the group notes
+which tensor each member read (identity, version counter, grad and autocast mode). At the start of
+a later round the group is cut into the members seen reading one tensor; those groups are
+*settled*: the first member called computes all of them and keeps the others' outputs, which a
+member gets only for the very same tensor. A member called with another tensor runs alone (and
+the next round regroups), so siblings fed different tensors (mixture-of-experts slices) cost no
+computation beyond their own. Kept outputs never outlive the round.
 
-Numbers do not depend on that history: forward computes each member's ``x A^T`` on its own and an
-unused output costs no backward work, so a layer gets bit for bit the same result from a
-speculative group as from its final group (and one used member of a group gets what the layer
-alone gets). When layers are called the same way in every forward, as in standard architectures,
-a resumed run therefore repeats an uninterrupted one exactly.
-
-A group is cut only in a round outside backward, and only once every grouped computation made
-before has been backpropagated or freed: a forward that non-reentrant activation checkpointing
-recomputes (even after further forwards, as with DPO's two forwards before one backward) then
-saves what its original saved. Layers run alone outside their parent's call, in threads other than
-the one inside it, under ``torch.compile`` (Inductor fuses on its own), ``torch.inference_mode``,
-adapter dropout in training, when a member is merged, or when members' weights are not
-materialised plain tensors (per-layer FSDP / ZeRO-3 sharding); none of these changes a group.
+Only layers whose output is exactly the fused kernel of their terms are grouped: the group asks
+each layer for them (``LoRALinear.shared_terms``), and a layer whose variant or base kind the
+kernel does not compute (DoRA, a quantized base), or with adapter dropout in training, or merged,
+runs alone. A group is cut only in a round outside backward and once no computation it made
+before can still run backward, so a forward that activation checkpointing recomputes (even after
+further forwards, as DPO's two forwards before one backward) makes the same choices as its
+original. Layers also run alone outside their parent's call, in a thread other than the one
+inside it, under ``torch.compile`` or ``inference_mode``, or when a member's weights are not
+materialised plain tensors (FSDP / ZeRO-3 shards).
 """
 
 from __future__ import annotations
 
-import sys
-import threading
+import contextlib
 import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from lora_lightning.kernels import autocast_dtype, shared_input_lora_linear
+from lora_lightning.kernels import Terms, autocast_dtype, fused_shared_input
+from lora_lightning.rounds import Round, can_run_backward, during_backward, saved_tensors_hooks
 
 if TYPE_CHECKING:  # pragma: no cover
     from lora_lightning.layers import LoRALinear
@@ -53,14 +47,9 @@ if TYPE_CHECKING:  # pragma: no cover
 _ATTR = "_shared_input"  # on each LoRALinear: its InputGroup, or None
 
 
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (where activation checkpointing recomputes forwards).
-
-    A recomputed forward must save exactly what the original forward saved, so groups are cut
-    (and what a forward served is recorded) only in forwards that run outside backward; the
-    recomputation then repeats what its original forward did.
-    """
-    return torch._C._current_graph_task_id() != -1
+def _is_adapted_linear(module: nn.Module) -> bool:
+    """A LoRALinear (recognised by the method a group asks it, so this module needs no layers import)."""
+    return callable(getattr(module, "shared_terms", None))
 
 
 def _context_allows() -> bool:
@@ -87,117 +76,45 @@ def _materialised(t: Tensor | None, shape: tuple[int, ...] | None) -> bool:
     return t.numel() == 0 or t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel()) * t.element_size()
 
 
-def _can_run_backward(node: Any) -> bool:
-    """The autograd node still holds its saved tensors (read raw: nothing is unpacked or recomputed)."""
-    try:
-        saved = node._raw_saved_tensors
-    except RuntimeError:  # freed by a backward that did not retain the graph
-        return False
-    return saved is not None
-
-
-def _saved_tensors_hooks() -> Any:
-    """The innermost ``saved_tensors_hooks`` in effect (activation checkpointing, CPU offload), or None."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top(True) if top is not None else None
-
-
-class _Round:
-    """One call of a parent module: which thread is inside it, how deep, and its groups."""
-
-    def __init__(self) -> None:
-        self.groups: list[InputGroup] = []
-        self.owner: int | None = None  # the thread inside the parent's call
-        self.depth = 0
-        self.frame: Any = None  # the outermost call's frame, while it runs
-        self.completed = False  # the outermost call returned (rather than raised)
-        self.hooks: Any = None  # the saved-tensor hooks in effect when it began
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Copies start outside any call (a lock is not copied; each copy gets its own).
-        return {**self.__dict__, "owner": None, "depth": 0, "frame": None, "hooks": None, "_lock": None}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-    def inside(self) -> bool:
-        return self.depth > 0 and self.owner == threading.get_ident()
-
-    def enter(self, module: nn.Module, args: Any) -> None:
-        if torch.compiler.is_compiling():
-            return
-        with self._lock:
-            me = threading.get_ident()
-            if self.owner not in (None, me):
-                return  # another thread is inside: this call's layers run alone
-            if self.depth and not self._outermost_running():
-                self.depth = 0  # the last call never ended (KeyboardInterrupt skips forward hooks)
-            self.owner = me
-            self.depth += 1
-            first = self.depth == 1
-        if first:
-            self.frame, self.completed, self.hooks = sys._getframe(1), False, _saved_tensors_hooks()
-            in_backward = _in_backward()
-            for group in list(self.groups):
-                group.begin(in_backward)
-
-    def _outermost_running(self) -> bool:
-        frame = sys._getframe(2)
-        while frame is not None:
-            if frame is self.frame:
-                return True
-            frame = frame.f_back
-        return False
-
-    def returned(self, module: nn.Module, args: Any, output: Any) -> None:
-        """A plain forward hook: runs only when the call returns (before :meth:`exit`)."""
-        if self.depth == 1 and self.owner == threading.get_ident():
-            self.completed = True
-
-    def exit(self, module: nn.Module, args: Any, output: Any) -> None:
-        if torch.compiler.is_compiling():
-            return
-        with self._lock:
-            if self.owner != threading.get_ident():
-                return
-            self.depth -= 1
-            if self.depth:
-                return
-            self.owner, self.frame = None, None
-        for group in self.groups:
-            group.end(self.completed)
-
-
 class InputGroup:
-    """Adapted linears that may read one tensor; the first one called in a round computes them all.
+    """Adapted linears that may read one tensor: a candidate (observed) or settled (computed together).
 
     Args:
         members: the layers, in the order their parent lists them.
-        round: the parent's :class:`_Round`, which opens and closes this group's rounds.
+        round: the parent's :class:`Round`, which opens and closes this group's rounds.
+        settled: members were seen reading one tensor; False for a candidate group.
     """
 
-    def __init__(self, members: list[LoRALinear], round: _Round) -> None:
+    def __init__(self, members: list[LoRALinear], round: Round, settled: bool = False) -> None:
         self.members = tuple(members)
         self.round = round
+        self.settled = settled
         self._pending: dict[int, Tensor] = {}  # id(member) -> its output, kept within this round
         self._x: weakref.ref[Tensor] | None = None
         self._x_mode: tuple[Any, ...] | None = None
-        self._seen: set[int] = set()  # members served (or run alone) in this round
-        # The last complete round outside backward: the members each computation served.
-        self._served: list[list[LoRALinear]] = []
-        self._record: list[list[LoRALinear]] | None = None  # None: nothing to learn from
-        # Grouped computations made outside backward whose backward has not run yet.
+        self._seen: set[int] = set()  # members called in this round
+        self._untaught = False  # this round found a member the group cannot compute: it teaches nothing
+        # This round (outside backward): which members read which tensor, in call order.
+        self._reads: list[tuple[weakref.ref[Tensor], tuple[Any, ...], list[LoRALinear]]] = []
+        self._record: list[list[LoRALinear]] | None = None  # the last complete round's reads
+        # Computations made outside backward (grouped or alone) whose backward has not run yet.
         self._open: dict[int, weakref.ref[Any]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # Kept outputs and round state belong to one call; copies and pickles keep the grouping only.
-        state = {**self.__dict__, "_pending": {}, "_x": None, "_x_mode": None, "_seen": set()}
-        return {**state, "_served": [], "_record": None, "_open": {}}
+        state = {
+            **self.__dict__,
+            "_pending": {},
+            "_x": None,
+            "_x_mode": None,
+            "_seen": set(),
+            "_reads": [],
+            "_untaught": False,
+        }
+        return {**state, "_record": None, "_open": {}}
 
     def __repr__(self) -> str:
-        return f"InputGroup({len(self.members)} layers)"
+        return f"InputGroup({len(self.members)} layers, {'settled' if self.settled else 'candidate'})"
 
     def _is_member(self, layer: LoRALinear) -> bool:
         return any(m is layer for m in self.members)
@@ -206,91 +123,87 @@ class InputGroup:
         self._pending, self._x, self._x_mode = {}, None, None
 
     def begin(self, in_backward: bool) -> None:
-        """A call of the parent starts: forget the last one's kept outputs; maybe cut the group."""
+        """A call of the parent starts: forget the last one's kept outputs; maybe regroup."""
         self._drop()
-        self._seen = set()
+        self._seen, self._untaught = set(), False
         if not in_backward:
             if self._record is not None and self._settled() and self._cut(self._record):
                 return
-            self._served = []
+            self._reads = []
 
     def end(self, completed: bool) -> None:
         """The parent's call ended: nothing kept outlives it; remember what a complete round showed."""
         self._drop()
-        if self._served and completed:  # (a call that raised half-way shows only part of the pattern)
-            self._record = self._served
-        self._served = []
+        if (
+            self._reads and completed and not self._untaught
+        ):  # (a call that raised half-way shows only part of the pattern)
+            self._record = [members for _, _, members in self._reads]
+        self._reads = []
 
     def _settled(self) -> bool:
-        """No grouped computation made before can run backward (and so be recomputed) any more.
+        """No computation made before can run backward (and so be recomputed) any more.
 
         A node is done when it is gone or its saved tensors are: a backward without
         ``retain_graph`` frees them; one with it leaves the node able to run (and recompute) again.
         """
         for key, ref in list(self._open.items()):
             node = ref()
-            if node is None or not _can_run_backward(node):
+            if node is None or not can_run_backward(node):
                 del self._open[key]
         return not self._open
 
-    def _ready(self) -> bool:
-        for m in self.members:
-            if m.merged or (m.training and isinstance(m.lora_dropout, nn.Dropout)):
-                return False
-            base = m.base_layer
-            if not (
-                _materialised(m.base_weight(), (m.out_features, m.in_features))
-                and _materialised(base.bias, None if base.bias is None else (m.out_features,))
-                and _materialised(m.lora_A, (m.r, m.in_features))
-                and _materialised(m.lora_B, (m.out_features, m.r))
-            ):
-                return False
-        return True
+    def _note_read(self, layer: LoRALinear, x: Tensor) -> None:
+        mode = _mode(x)
+        for ref, seen_mode, members in self._reads:
+            if ref() is x and seen_mode == mode:
+                members.append(layer)
+                return
+        self._reads.append((weakref.ref(x), mode, [layer]))
+
+    def _track(self, out: Tensor, in_backward: bool) -> Tensor:
+        node = out.grad_fn
+        if node is not None and not in_backward:
+            # A C++ node (TypeError) is not our kernels' output: grouping could not change it.
+            with contextlib.suppress(TypeError):
+                self._open[id(node)] = weakref.ref(node)
+        return out
 
     def __call__(self, layer: LoRALinear, x: Tensor) -> Tensor | None:
         """``layer``'s output for ``x``, or None to have the layer compute it alone."""
         if not _context_allows() or not self.round.inside() or not self._is_member(layer):
             return None  # (not a member: a shallow replica, as nn.DataParallel makes, runs alone)
-        if x.is_inference() or _saved_tensors_hooks() != self.round.hooks:
+        if x.is_inference() or saved_tensors_hooks() != self.round.hooks:
             # An inference tensor has no version counter. Other saved-tensor hooks than at the
             # parent's call start mean a checkpoint (or offload) region inside the parent: its
             # recomputation runs without the parent's call, so its forward must run alone too.
             return None
-        in_backward = _in_backward()
+        in_backward = during_backward()
         key = id(layer)
+        if not in_backward and key not in self._seen and not self._untaught:
+            self._note_read(layer, x)
         if key in self._pending and self._x is not None and self._x() is x and self._x_mode == _mode(x):
             out = self._pending.pop(key)
             self._seen.add(key)
-            if not in_backward and self._served:
-                self._served[-1].append(layer)
             if not self._pending:
                 self._drop()
             return out
-        if key in self._seen:
-            return None  # called again within one call of the parent: on its own
-        # The first call of the round, or another tensor than the kept outputs were computed
-        # from: compute the members not served yet from this one.
-        rest = [m for m in self.members if id(m) not in self._seen]
-        self._drop()
-        return self._start(layer, x, rest, in_backward)
-
-    def _start(self, layer: LoRALinear, x: Tensor, members: list[LoRALinear], in_backward: bool) -> Tensor | None:
-        """Compute ``members`` from ``x``; keep the others' outputs, return ``layer``'s."""
-        self._seen.add(id(layer))
-        if not self._ready():
+        first = not self._seen
+        self._seen.add(key)
+        terms = [m.shared_terms() for m in self.members] if first else []
+        if first and not all(_materialised_terms(t, m) for t, m in zip(terms, self.members, strict=True)):
             if not in_backward:
-                self._served, self._record = [], None  # a round the group could not run teaches nothing
-            return None
-        if not in_backward:
-            self._served.append([layer])
-        if len(members) < 2:
-            return None
-        outs = self._compute(x, members)
-        node = outs[0].grad_fn
-        if node is not None and not in_backward:
-            self._open[id(node)] = weakref.ref(node)
+                self._reads, self._record = [], None  # a round the group could not run teaches nothing
+            self._untaught = True
+        if not (self.settled and first) or self._untaught:
+            # A candidate, a second call within one round, another tensor than the kept outputs
+            # came from, or a member that cannot be computed from its terms now: alone (tracked,
+            # so no regroup happens while its backward can still recompute it).
+            self._drop()
+            return self._track(layer.forward_alone(x), in_backward)
+        outs = fused_shared_input(x, terms)  # type: ignore[arg-type]
+        self._track(outs[0], in_backward)
         mine = None
-        for member, out in zip(members, outs, strict=True):
+        for member, out in zip(self.members, outs, strict=True):
             if member is layer:
                 mine = out
             else:
@@ -299,83 +212,73 @@ class InputGroup:
         return mine
 
     def _cut(self, record: list[list[LoRALinear]]) -> bool:
-        """Cut the group into the computations the last round's members were served by.
+        """Regroup into the members the last round saw reading one tensor (settled groups).
 
         Returns:
-            True when the grouping changed (then this group is no longer in use).
+            True when this group is replaced (then it is no longer in use).
         """
         self._record = None
-        if len(record) == 1 and len(record[0]) == len(self.members):
+        if self.settled and len(record) == 1 and len(record[0]) == len(self.members):
             return False
         order = {id(m): i for i, m in enumerate(self.members)}
         for member in self.members:
             setattr(member, _ATTR, None)
-        groups = [InputGroup(sorted(run, key=lambda m: order[id(m)]), self.round) for run in record if len(run) > 1]
+        groups = [
+            InputGroup(sorted(read, key=lambda m: order[id(m)]), self.round, settled=True)
+            for read in record
+            if len(read) > 1
+        ]
         for group in groups:
             for member in group.members:
                 setattr(member, _ATTR, group)
         index = self.round.groups.index(self)
         self.round.groups[index : index + 1] = groups
-        for group in groups:
-            group._seen = set()
         return True
 
-    def _compute(self, x: Tensor, layers: list[LoRALinear]) -> tuple[Tensor, ...]:
-        device_type = x.device.type
-        dtype = autocast_dtype(device_type)
-        if dtype is not None:
-            # As LoRALinear.forward: cast what autocast would cast for F.linear, then run without it.
-            members = [
-                (
-                    m.base_weight().to(dtype),
-                    None if m.base_layer.bias is None else m.base_layer.bias.to(dtype),
-                    m.lora_A,
-                    m.lora_B,
-                    m.scale,
-                )
-                for m in layers
-            ]
-            with torch.autocast(device_type, enabled=False):
-                return shared_input_lora_linear(x.to(dtype), members)
-        members = [(m.base_weight(), m.base_layer.bias, m.lora_A, m.lora_B, m.scale) for m in layers]
-        return shared_input_lora_linear(x, members)
+
+def _materialised_terms(terms: Terms | None, layer: LoRALinear) -> bool:
+    """The layer gave terms (see ``LoRALinear.shared_terms``) and each is materialised at its shape."""
+    if terms is None:
+        return False
+    out_f, in_f, r = layer.out_features, layer.in_features, layer.r
+    bias_shape = None if terms[1] is None else (out_f,)
+    shapes = ((out_f, in_f), bias_shape, (r, in_f), (out_f, r))
+    return all(_materialised(t, shape) for t, shape in zip(terms[:4], shapes, strict=True))
 
 
-_ROUND_ATTR = "_lora_input_round"  # on each parent module with groups: its _Round
+_ROUND_ATTR = "_lora_input_round"  # on each parent module with groups: its Round
 
 
 def _remove_round_hooks(parent: nn.Module) -> None:
-    """Drop the hooks a _Round registered on ``parent`` (also on a copy, whose hooks are copies)."""
+    """Drop the hooks a Round registered on ``parent`` (also on a copy, whose hooks are copies)."""
     for hooks in (parent._forward_pre_hooks, parent._forward_hooks):
-        for key in [k for k, hook in hooks.items() if isinstance(getattr(hook, "__self__", None), _Round)]:
+        for key in [k for k, hook in hooks.items() if isinstance(getattr(hook, "__self__", None), Round)]:
             del hooks[key]
             parent._forward_hooks_always_called.pop(key, None)
 
 
 def share_inputs(model: nn.Module, enabled: bool = True) -> int:
-    """Compute adapted linears that read the same tensor together (the default after injection), or not.
+    """Compute adapted linears that read the same tensor together, or not (the default).
 
-    Turning it on (again) starts from the speculative groups: each module's adapted linear
-    children with the same input width, dtype and device. Their rounds are the calls of that
-    module, or, when it is a ``ModuleList`` / ``ModuleDict`` (containers are never called), of its
-    nearest ancestor that is not one.
+    Turning it on (again) starts from the candidate groups: each module's groupable adapted
+    linear children with the same input width, dtype and device, observed before grouped. Their
+    rounds are the calls of that module, or, when it is a ``ModuleList`` / ``ModuleDict``
+    (containers are never called), of its nearest ancestor that is not one.
 
     Args:
         model: a model with LoRA layers.
         enabled: False computes every adapted layer on its own.
 
     Returns:
-        The number of speculative groups (0 when disabled).
+        The number of candidate groups (0 when disabled).
     """
-    from lora_lightning.layers import LoRALinear
-
     parent_of: dict[int, nn.Module] = {}
     for module in model.modules():
         vars(module).pop(_ROUND_ATTR, None)
         _remove_round_hooks(module)
         for child in module.children():
             parent_of.setdefault(id(child), module)
-            if isinstance(child, LoRALinear):
+            if _is_adapted_linear(child):
                 setattr(child, _ATTR, None)
     if not enabled:
         return 0
@@ -383,9 +286,11 @@ def share_inputs(model: nn.Module, enabled: bool = True) -> int:
     for parent in model.modules():
         buckets: dict[tuple[Any, ...], list[LoRALinear]] = {}
         for child in parent.children():
-            if isinstance(child, LoRALinear):
-                weight = child.base_layer.weight
-                buckets.setdefault((child.in_features, weight.dtype, weight.device), []).append(child)
+            # Only layers the fused kernel computes exactly (plain LoRA over a dense weight).
+            if _is_adapted_linear(child) and child.variant.fusable and child.kind.dense:
+                base = child.base_layer
+                key = (child.in_features, child.kind.compute_dtype(base), child.kind.device(base))
+                buckets.setdefault(key, []).append(child)
         candidates = [members for members in buckets.values() if len(members) > 1]
         if not candidates:
             continue
@@ -394,7 +299,7 @@ def share_inputs(model: nn.Module, enabled: bool = True) -> int:
             owner = parent_of[id(owner)]
         round_ = vars(owner).get(_ROUND_ATTR)
         if round_ is None:
-            round_ = _Round()
+            round_ = Round()
             owner.register_forward_pre_hook(round_.enter)
             owner.register_forward_hook(round_.returned)
             owner.register_forward_hook(round_.exit, always_call=True)
@@ -411,14 +316,13 @@ def share_inputs(model: nn.Module, enabled: bool = True) -> int:
 def input_groups(model: nn.Module) -> list[tuple[str, ...]]:
     """The groups in use, as tuples of module names.
 
-    Speculative (by parent and input width) until a forward after the first one's backward cuts them.
+    Candidates (by parent and input width) until a forward after the first one's backward cuts
+    them into the members seen reading one tensor.
     """
-    from lora_lightning.layers import LoRALinear
-
     names = {id(m): name for name, m in model.named_modules()}
     groups: dict[int, tuple[str, ...]] = {}
     for module in model.modules():
-        group = getattr(module, _ATTR, None) if isinstance(module, LoRALinear) else None
+        group = getattr(module, _ATTR, None) if _is_adapted_linear(module) else None
         if isinstance(group, InputGroup):
             groups[id(group)] = tuple(names.get(id(m), "?") for m in group.members)
     return list(groups.values())

@@ -22,6 +22,7 @@ from lora_lightning.app.tracking import build_logger
 from lora_lightning.app.train import lora_config_from
 from lora_lightning.inject import plan_targets
 from tests.app_support import TINY_GPT2, TINY_LLAMA
+from tests.reference import scale_of
 
 CONF = config_dir()
 GROUPS = ("model", "rank", "targets", "data", "trainer", "logger", "experiment")
@@ -93,9 +94,9 @@ def test_model_options_instantiate_and_map_every_role(
 def test_rank_options(name: str) -> None:
     config = lora_config_from(_compose([f"rank={name}"]))
     assert config.r == int(name[1:]) and config.alpha == 2 * config.r
-    assert config.scale_for("model.layers.0.self_attn.q_proj") == pytest.approx(2.0)
+    assert scale_of(config, "model.layers.0.self_attn.q_proj") == pytest.approx(2.0)
     rs = lora_config_from(_compose([f"rank={name}", "lora.use_rslora=true"]))
-    assert rs.scale_for("x.q_proj") == pytest.approx(2 * rs.r / rs.r**0.5)
+    assert scale_of(rs, "x.q_proj") == pytest.approx(2 * rs.r / rs.r**0.5)
 
 
 @pytest.mark.parametrize("name", options("data"))

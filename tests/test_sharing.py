@@ -16,10 +16,12 @@ from torch import nn
 
 from lora_lightning import LoRAConfig, inject_lora, merge_lora
 from lora_lightning.inject import lora_layers
-from lora_lightning.kernels import lora_linear, lora_linear_reference, shared_input_lora_linear
+from lora_lightning.kernels import lora_linear, shared_input_lora_linear
 from lora_lightning.layers import LoRALinear
 from lora_lightning.sharing import input_groups, share_inputs
+from lora_lightning.variants import LoRAVariant
 from tests.models import tiny_bert, tiny_llama, token_ids
+from tests.reference import lora_linear_reference
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -100,7 +102,7 @@ def test_group_saves_its_input_once_and_x_at_once(freeze_A):
 
 def _adapted_llama(**config):
     model = tiny_llama(layers=2)
-    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=TARGETS, **config))
+    inject_lora(model, LoRAConfig(r=4, alpha=8, target_modules=TARGETS, **config), share_inputs=True)
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B.normal_(std=0.1)  # nonzero: both factors and the input get gradients
@@ -147,24 +149,30 @@ def test_llama_settles_on_qkv_and_gate_up_and_matches_ungrouped():
     assert input_groups(twin) == []
 
 
-def test_speculative_and_settled_groups_give_the_same_bits():
-    """A step's numbers do not depend on whether the grouping had settled: a resumed run (whose
-    first forward is speculative) repeats the uninterrupted one (whose was not) exactly."""
+def test_forwards_give_the_same_bits_observed_grouped_or_alone():
+    """Each member's output is computed exactly as alone (its own x A^T, one GEMM each), so a
+    forward gives the same bits whether its group is a candidate (members run alone while it
+    observes), settled (computed together) or off; gradients differ only in summation order."""
     settled = _adapted_llama()
-    speculative = copy.deepcopy(settled)
+    candidate = copy.deepcopy(settled)
     ids = token_ids()
     settled(input_ids=ids)
     for dtype in (torch.float32, torch.bfloat16):
-        for model in (settled, speculative):
+        for model in (settled, candidate):
             model.to(dtype)
-        fresh = copy.deepcopy(speculative)  # copies start from the speculative groups
+        fresh = copy.deepcopy(candidate)  # copies start from the candidate groups
+        off = copy.deepcopy(candidate)
+        share_inputs(off, enabled=False)
         logits, grads = _step(settled, ids)
         assert sorted(input_groups(settled)) == _llama_groups(2, with_o=False)
         logits_fresh, grads_fresh = _step(fresh, ids)
         assert sorted(input_groups(fresh)) == _llama_groups(2, with_o=True)  # (it settles on the next forward)
-        assert torch.equal(logits, logits_fresh)
+        logits_off, grads_off = _step(off, ids)
+        assert torch.equal(logits, logits_fresh) and torch.equal(logits, logits_off)
+        tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 0.02, "atol": 1e-3}
         for name, grad in grads.items():
-            assert torch.equal(grad, grads_fresh[name]), (dtype, name)
+            assert torch.equal(grads_fresh[name], grads_off[name]), (dtype, name)  # observing computes alone
+            torch.testing.assert_close(grad, grads_off[name], **tol, msg=f"{dtype} {name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -209,7 +217,7 @@ def test_grouped_forward_runs_one_node_per_group():
 
 
 def _adapted(module: nn.Module, targets: list[str]) -> nn.Module:
-    inject_lora(module, LoRAConfig(r=2, alpha=4, target_modules=targets))
+    inject_lora(module, LoRAConfig(r=2, alpha=4, target_modules=targets), share_inputs=True)
     with torch.no_grad():
         for layer in lora_layers(module).values():
             layer.lora_B.normal_()
@@ -337,7 +345,7 @@ def test_members_a_forward_never_called_leave_the_group():
 def test_dropout_in_training_runs_alone_and_eval_groups():
     torch.manual_seed(0)
     module = Attention()
-    inject_lora(module, LoRAConfig(r=2, target_modules=["q", "k", "v"], dropout=0.5))
+    inject_lora(module, LoRAConfig(r=2, target_modules=["q", "k", "v"], dropout=0.5), share_inputs=True)
     h = torch.randn(4, 16)
     module.train()
     for _ in range(3):
@@ -430,7 +438,7 @@ def test_share_inputs_off_and_on_again():
 
 def test_bert_groups_query_key_value():
     model = tiny_bert()
-    inject_lora(model, LoRAConfig(r=4, target_modules=["query", "key", "value", "dense"]))
+    inject_lora(model, LoRAConfig(r=4, target_modules=["query", "key", "value", "dense"]), share_inputs=True)
     ids = token_ids()
     model(input_ids=ids)
     model(input_ids=ids)
@@ -552,6 +560,8 @@ def test_kept_outputs_and_their_graph_do_not_outlive_the_parents_call():
 
     torch.manual_seed(0)
     module = _adapted(Attention(), ["q", "k", "v"])
+    module(torch.randn(4, 16))
+    module(torch.randn(4, 16))  # settled: q, k and v are computed together from now on
     module.only_q = True  # k's and v's outputs are computed with q's and never asked for
     out = module(torch.randn(4, 16))
     group = module.q._shared_input
@@ -772,3 +782,134 @@ def test_merge_and_unload_leaves_no_hook_or_attribute_behind():
     for module in model.modules():
         assert not module._forward_pre_hooks and not module._forward_hooks
         assert not any(key.startswith("_lora") for key in vars(module))
+
+
+class Experts(nn.Module):
+    """Mixture-of-experts style: adapted linears in a ModuleList, each fed its own slice."""
+
+    def __init__(self, n: int = 16, width: int = 8) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(width, width) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (n, tokens, width)
+        return torch.stack([expert(x[i]) for i, expert in enumerate(self.experts)])
+
+
+def test_experts_fed_their_own_slices_compute_one_output_each(monkeypatch):
+    """16 siblings of one width, each called with its own tensor: every forward computes exactly
+    16 adapted outputs (the experts called), from the first one on."""
+    import lora_lightning.kernels as kernels
+
+    computed = []
+    one_output = kernels._adapted_linear  # the forward of one adapted linear, alone or in a group
+
+    def counting(*args, **kwargs):
+        computed.append(1)
+        return one_output(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "_adapted_linear", counting)
+    torch.manual_seed(0)
+    module = _adapted(Experts(), [f"experts.{i}" for i in range(16)])
+    twin = copy.deepcopy(module)
+    share_inputs(twin, enabled=False)
+    per_forward = []
+    for _ in range(3):
+        x = torch.randn(16, 5, 8)
+        computed.clear()
+        out = module(x)
+        per_forward.append(len(computed))
+        torch.testing.assert_close(out, twin(x))
+        out.square().sum().backward()
+    assert per_forward == [16, 16, 16]
+    assert input_groups(module) == []  # no two experts ever read one tensor
+
+
+class _DoubledUpdate(LoRAVariant):
+    """A variant the fused kernel does not compute (its update counts twice)."""
+
+    name = "doubled"
+    fusable = False
+
+    def forward(self, layer, x):
+        return layer.base_layer(x) + 2 * layer.scale * (x @ layer.lora_A.t()) @ layer.lora_B.t()
+
+
+def test_a_layer_the_fused_kernel_does_not_compute_is_never_grouped():
+    """Grouping asks each layer for its terms; a variant that is not plain LoRA (or a base that is
+    not a dense weight) never joins a group, whether it had that variant from the start or got it
+    after the group settled: it is computed by its own forward, never by plain LoRA's formula."""
+    torch.manual_seed(0)
+    module = _adapted(Attention(), ["q", "k", "v"])
+    module.k.variant = _DoubledUpdate()
+    share_inputs(module)  # groups start again from the candidates
+    assert input_groups(module) == [("q", "v")]  # k is not even a candidate
+
+    def step(h):
+        nodes = {}
+        hooks = [
+            m.register_forward_hook(lambda mod, args, out: nodes.__setitem__(mod, type(out.grad_fn).__name__))
+            for m in (module.q, module.k, module.v)
+        ]
+        out = module(h)
+        for hook in hooks:
+            hook.remove()
+        twin = copy.deepcopy(module)
+        share_inputs(twin, enabled=False)  # every layer through its own forward
+        torch.testing.assert_close(out, twin(h))
+        out.sum().backward()
+        return nodes
+
+    for _ in range(3):
+        nodes = step(torch.randn(4, 16, requires_grad=True))
+    assert input_groups(module) == [("q", "v")]
+    assert nodes[module.q] == nodes[module.v] == "SharedInputLoRAFunctionBackward"  # settled and grouped
+    assert nodes[module.k] != "SharedInputLoRAFunctionBackward"
+    module.v.variant = _DoubledUpdate()  # after the group settled: it now runs its members alone
+    for _ in range(2):
+        nodes = step(torch.randn(4, 16, requires_grad=True))
+        assert "SharedInputLoRAFunctionBackward" not in nodes.values()
+
+
+@pytest.mark.parametrize("switch", [False, True])
+def test_grouping_is_off_unless_asked_for(tmp_path, switch):
+    """inject_lora and LoRACallback compute every layer on its own by default; share_inputs=True
+    turns grouping on, and training then runs q,k,v (gate,up) as one node."""
+    import lightning.pytorch as pl
+
+    from lora_lightning import LoRACallback
+    from tests.lightning_modules import CausalLM, token_data
+
+    plain = tiny_llama(layers=1)
+    inject_lora(plain, LoRAConfig(r=2, target_modules=TARGETS))
+    assert input_groups(plain) == []
+
+    class Nodes(pl.Callback):
+        def __init__(self) -> None:
+            self.seen: set[str] = set()
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            attn = pl_module.model.model.layers[0].self_attn
+            self.hook = attn.q_proj.register_forward_hook(
+                lambda mod, args, out: self.seen.add(type(out.grad_fn).__name__)
+            )
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.hook.remove()
+
+    nodes = Nodes()
+    lora = LoRACallback(r=2, target_modules=TARGETS, module="model", share_inputs=switch)
+    trainer = pl.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        callbacks=[lora, nodes],
+    )
+    trainer.fit(CausalLM(), token_data(n=24))
+    grouped = "SharedInputLoRAFunctionBackward" in nodes.seen
+    assert grouped is switch
+    with pytest.raises(TypeError, match="share_inputs must be True or False, got 'yes'"):
+        LoRACallback(r=2, share_inputs="yes")

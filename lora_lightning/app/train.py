@@ -114,7 +114,8 @@ def _prepare(cfg: DictConfig, output_dir: Path) -> tuple[LoRAConfig, Any, Loaded
             raise UsageError(f"monitor must be one of {', '.join(MONITORS)}, got {cfg.monitor!r}")
         lora_config = lora_config_from(cfg)
         check_optim({k: v for k, v in optim_fields(cfg).items() if k != "lr_ratio_B"})
-        LoRACallback(lora_config, lr_ratio_B=optim_fields(cfg).get("lr_ratio_B", 1.0))  # validates the ratio
+        # validates the ratio and the switch
+        LoRACallback(lora_config, lr_ratio_B=optim_fields(cfg).get("lr_ratio_B", 1.0), share_inputs=cfg.share_inputs)
         check_logger(cfg.get("logger"))
         if cfg.model.get("name_or_path") is not None:
             check_name_or_path(cfg.model.name_or_path)
@@ -154,6 +155,7 @@ def run(cfg: DictConfig) -> float:
             lr_ratio_B=lr_ratio_B,
             tokenizer=loaded.tokenizer,
             base_model_name_or_path=loaded.name_or_path,
+            share_inputs=cfg.share_inputs,
         )
         trainer = _trainer(cfg, output_dir, logger, lora)
     rank_zero_only(write_atomic)(output_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))

@@ -12,9 +12,12 @@ Glue only; the work is done by the core:
 * fit end (``on_train_end`` under FSDP, where full parameters are still reachable): export the
   adapter, merge, export the merged model; rank zero writes, the others wait.
 
-After a merge the callback remembers the final adapters (they are small). If a later call needs
-adapters again (a second ``fit``, or ``validate/test(ckpt_path=...)``), it re-injects them and
-unmerges, which restores the base weights the checkpoints were trained on.
+After a merge the callback remembers the final adapters (they are small), the merged module and a
+fingerprint of its merged weights (:mod:`lora_lightning.remerge`). If a later call needs adapters
+again on that very module, unchanged since (a second ``fit``, or ``validate/test(ckpt_path=...)``),
+it re-injects them and unmerges, which restores the base weights the checkpoints were trained on.
+Any other module (a fresh model given to a reused callback) is adapted from scratch: the callback
+never changes weights it did not merge itself.
 """
 
 from __future__ import annotations
@@ -30,18 +33,20 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from lora_lightning.adapters import adapter_state_dict, export_merged, save_adapter
-from lora_lightning.checkpoint import (
-    base_fingerprint,
-    base_tensors,
-    checkpoint_metadata,
-    compare_fingerprints,
-    config_differences,
+from lora_lightning.adapters import (
+    ADAPTER_DIR,
+    MERGED_DIR,
+    adapter_state_dict,
+    check_export_destination,
+    export_merged,
+    save_adapter,
 )
+from lora_lightning.checkpoint import base_fingerprint, base_tensors, check_adapter_checkpoint, checkpoint_metadata
 from lora_lightning.config import LoRAConfig
 from lora_lightning.inject import LoRAReport, inject_lora, lora_layers
 from lora_lightning.merge import merge_and_unload, merge_lora
-from lora_lightning.optim import find_optimizers_and_schedulers, restrict_optimizer
+from lora_lightning.optim import restrict_optimizers
+from lora_lightning.remerge import MergedAdapters, snapshot_factors
 
 CHECKPOINT_KEY = "lora_lightning"
 _WRAPPED = "_lora_lightning_wrapped"
@@ -66,6 +71,10 @@ class LoRACallback(pl.Callback):
         optimizer: factory ``params -> Optimizer`` used when ``configure_optimizers`` returns None.
         tokenizer: saved with the merged model; defaults to ``pl_module.tokenizer`` if present.
         base_model_name_or_path: recorded in the exported adapter's config.
+        share_inputs: compute adapted linears that read one tensor as one autograd node
+            (:mod:`lora_lightning.sharing`); off by default, its GPU gain is not measured yet.
+        allow_empty_optimizers: let an optimizer of ``configure_optimizers`` that holds only
+            frozen parameters be emptied; by default that is an error naming it.
         **config_fields: LoRAConfig fields, when ``config`` is not given.
     """
 
@@ -80,6 +89,8 @@ class LoRACallback(pl.Callback):
         optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
         tokenizer: Any | None = None,
         base_model_name_or_path: str | None = None,
+        share_inputs: bool = False,
+        allow_empty_optimizers: bool = False,
         **config_fields: Any,
     ) -> None:
         if config is not None and config_fields:
@@ -100,6 +111,11 @@ class LoRACallback(pl.Callback):
         self.optimizer_factory = optimizer or default_optimizer
         self.tokenizer = tokenizer
         self.base_model_name_or_path = base_model_name_or_path
+        for flag, value in (("share_inputs", share_inputs), ("allow_empty_optimizers", allow_empty_optimizers)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be True or False, got {value!r}")
+        self.share_inputs = share_inputs
+        self.allow_empty_optimizers = allow_empty_optimizers
 
         self.report: LoRAReport | None = None
         self.export_paths: dict[str, Path] = {}
@@ -107,7 +123,7 @@ class LoRACallback(pl.Callback):
         self._frozen_keys: set[str] = set()  # LightningModule state_dict keys left out of checkpoints
         self._adapter_keys: list[str] = []  # LightningModule state_dict keys a checkpoint must hold
         self._own_adapter_keys: set[str] = set()  # the same, relative to the adapted submodule
-        self._merged_adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._merged: MergedAdapters | None = None  # what the last fit end merged, and into which module
         self._restored_by_unmerge: set[str] = set()  # fingerprint names restored by our own unmerge
         self._readapted_stage: str | None = None
         self._input_grads_enabled: list[nn.Module] = []
@@ -137,6 +153,8 @@ class LoRACallback(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stage = stage
+        if stage == "fit" and self.export_dir is not None:  # the fit-end writes, checked before any step
+            check_export_destination(self.export_dir)
         pl_module.strict_loading = False
         self._install_wrappers(pl_module)
         if is_overridden("configure_model", pl_module):
@@ -145,11 +163,14 @@ class LoRACallback(pl.Callback):
 
     def _prepare(self, pl_module: pl.LightningModule, stage: str) -> None:
         target = self._target(pl_module)
-        if self._merged_adapters is not None and not lora_layers(target):
-            if stage != "fit":
-                return  # evaluate the merged model as it is; a checkpoint load re-adapts it
-            self._readapt(target, stage)
-        self.report = inject_lora(target, self.config)
+        if not lora_layers(target):
+            if self._merged is not None and self._merged.matches(target):
+                if stage != "fit":
+                    return  # evaluate the merged model as it is; a checkpoint load re-adapts it
+                self._readapt(target, self._merged, stage)
+            else:
+                self._start_afresh(target)
+        self.report = inject_lora(target, self.config, share_inputs=self.share_inputs)
         prefix = self._prefix()
         # What belongs to the adapter (factors, trained biases, modules_to_save; lora_A too under
         # LoRA-FA, where it is frozen but still part of the adapter) is what checkpoints keep;
@@ -160,21 +181,19 @@ class LoRACallback(pl.Callback):
         self._adapter_keys = sorted(prefix + key for key in self._own_adapter_keys)
         self._frozen_keys = {prefix + key for key in target.state_dict() if key not in self._own_adapter_keys}
 
-    def _readapt(self, target: nn.Module, stage: str) -> None:
+    def _start_afresh(self, target: nn.Module) -> None:
+        """Forget an earlier fit's merge: ``target`` is not that merged module (or changed since)."""
+        if self._merged is not None:
+            rank_zero_info(
+                f"LoRACallback: adapting {type(target).__name__} from scratch: it is not the module this callback "
+                "merged at its last fit end (or its weights changed since), so that merge is not undone"
+            )
+        self._merged, self._fingerprint, self._restored_by_unmerge = None, None, set()
+
+    def _readapt(self, target: nn.Module, merged: MergedAdapters, stage: str) -> None:
         """Re-inject the adapters merged at fit end and unmerge them: the base weights come back."""
-        if self._merged_adapters is None:
-            return
-        inject_lora(target, self.config)
-        layers = lora_layers(target)
-        with torch.no_grad():
-            for name, (lora_A, lora_B) in self._merged_adapters.items():
-                layer = layers[name]
-                layer.lora_A.copy_(lora_A)
-                layer.lora_B.copy_(lora_B)
-                layer.merged = True
-                layer.unmerge()
-        self._restored_by_unmerge = {n for n, _ in target.named_parameters() if ".base_layer." in f".{n}"}
-        self._merged_adapters = None
+        self._restored_by_unmerge = merged.restore(target, self.config, self.share_inputs)
+        self._merged = None
         self._readapted_stage = stage
 
     def _install_wrappers(self, pl_module: pl.LightningModule) -> None:
@@ -220,16 +239,16 @@ class LoRACallback(pl.Callback):
                 "LoRACallback: no parameter of the LightningModule is trainable after injection; "
                 "check target_modules and that the module's own parameters are not all frozen"
             )
-        lora_B = [layer.lora_B for layer in lora_layers(self._target(pl_module)).values()]
         if result is None:
             result = self.optimizer_factory(trainable)
-        optimizers, schedulers = find_optimizers_and_schedulers(result)
-        kept = [restrict_optimizer(opt, trainable, schedulers, lora_B, self.lr_ratio_B) for opt in optimizers]
-        if optimizers and not any(kept):
-            raise ValueError(
-                "LoRACallback: configure_optimizers returned optimizers over frozen parameters only; "
-                f"none of the {len(trainable)} trainable (adapter) parameters is in them"
-            )
+        restrict_optimizers(
+            result,
+            trainable,
+            {id(p): name for name, p in pl_module.named_parameters()},
+            lora_B=[layer.lora_B for layer in lora_layers(self._target(pl_module)).values()],
+            lr_ratio_B=self.lr_ratio_B,
+            allow_empty=self.allow_empty_optimizers,
+        )
         return result
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -247,36 +266,17 @@ class LoRACallback(pl.Callback):
         checkpoint[CHECKPOINT_KEY] = self._metadata()
 
     def _check_checkpoint(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint.get(CHECKPOINT_KEY)
-        if meta is None:
-            raise ValueError(
-                "LoRACallback: this checkpoint was not written with LoRACallback (it has no "
-                f"'{CHECKPOINT_KEY}' record), so its adapters cannot be checked against this model; refusing to load"
-            )
         target = self._target(pl_module)
-        if not lora_layers(target):  # merged at fit end: bring the base back before loading adapters
-            self._readapt(target, self._stage)
-            self._prepare(pl_module, "fit")
-        differences = config_differences(meta["config"], self.config)
-        if differences:
-            raise ValueError(
-                "LoRACallback: the checkpoint's adapters were trained with a different LoRA config: "
-                + "; ".join(differences)
-            )
-        current = base_fingerprint(base_tensors(target, self._own_adapter_keys))
-        problems = compare_fingerprints(meta["fingerprint"], current, self._restored_by_unmerge)
-        if problems:
-            raise ValueError(
-                "LoRACallback: the checkpoint's adapters were trained on a different base model: "
-                + "; ".join(problems[:3])
-                + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
-            )
-        missing = [k for k in self._adapter_keys if k not in checkpoint.get("state_dict", {})]
-        if missing:
-            raise ValueError(
-                f"LoRACallback: the checkpoint lacks {len(missing)} adapter tensor(s) this model needs, "
-                f"e.g. {missing[:3]}; refusing to load a partial adapter"
-            )
+        if CHECKPOINT_KEY in checkpoint and not lora_layers(target):
+            self._prepare(pl_module, "fit")  # merged at fit end: brings the base back (when it is ours)
+        check_adapter_checkpoint(
+            checkpoint.get(CHECKPOINT_KEY),
+            self.config,
+            base_fingerprint(base_tensors(target, self._own_adapter_keys)),
+            self._adapter_keys,
+            checkpoint.get("state_dict", {}),
+            self._restored_by_unmerge,
+        )
 
     # -- fit start: report and logging ---------------------------------------------------------
 
@@ -286,26 +286,9 @@ class LoRACallback(pl.Callback):
             return
         if trainer.is_global_zero:
             _print_report(self.report)
-        params, config = self.report.params, self.config
-        hparams = {
-            "lora/r": config.r,
-            "lora/alpha": config.alpha,
-            "lora/dropout": config.dropout,
-            "lora/use_rslora": config.use_rslora,
-            "lora/bias": config.bias,
-            "lora/targets": str(config.target_modules),
-            "lora/adapted_modules": len(self.report.modules),
-            "lora/lr_ratio_B": self.lr_ratio_B,
-            "lora/freeze_A": config.freeze_A,
-        }
-        metrics = {
-            "lora/trainable_params": float(params.trainable),
-            "lora/total_params": float(params.total),
-            "lora/trainable_percent": params.trainable_percent,
-        }
         for logger in trainer.loggers:
-            logger.log_hyperparams(hparams)
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_hyperparams({**self.report.hparams(), "lora/lr_ratio_B": self.lr_ratio_B})
+            logger.log_metrics(self.report.metrics(), step=trainer.global_step)
 
     def _enable_input_grads_for_checkpointing(self, target: nn.Module) -> None:
         """Reentrant checkpointing drops gradients when no block input requires grad, and with a
@@ -355,20 +338,21 @@ class LoRACallback(pl.Callback):
         tokenizer = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
         if writes:
             self.export_paths["adapter"] = save_adapter(
-                target, self.export_dir / "adapter", base_model_name_or_path=self.base_model_name_or_path
+                target, self.export_dir / ADAPTER_DIR, base_model_name_or_path=self.base_model_name_or_path
             )
         if self.merge_on_fit_end:
-            self._merged_adapters = _snapshot(target)
+            factors = snapshot_factors(target)
             if unload:
                 merge_and_unload(target)
             else:
                 merge_lora(target)  # under FSDP: merged in place, plain layers go back at fit end
+            self._merged = MergedAdapters(target, factors)
         if writes:
             # A plain model is written as it is; one still holding LoRA layers is merged as a copy.
-            self.export_paths["merged"] = export_merged(target, self.export_dir / "merged", tokenizer=tokenizer)
+            self.export_paths["merged"] = export_merged(target, self.export_dir / MERGED_DIR, tokenizer=tokenizer)
         if self.export_dir is not None:
             trainer.strategy.barrier("lora_lightning_export")
-            self.export_paths = {"adapter": self.export_dir / "adapter", "merged": self.export_dir / "merged"}
+            self.export_paths = {"adapter": self.export_dir / ADAPTER_DIR, "merged": self.export_dir / MERGED_DIR}
             rank_zero_info(
                 f"LoRA: adapter written to {self.export_paths['adapter']}, merged model to "
                 f"{self.export_paths['merged']}"
@@ -378,17 +362,10 @@ class LoRACallback(pl.Callback):
         # A validate/test that re-adapted a merged model to load a checkpoint leaves it merged again.
         if self._readapted_stage is not None and stage != "fit" and self.merge_on_fit_end:
             target = self._target(pl_module)
-            self._merged_adapters = _snapshot(target)
+            factors = snapshot_factors(target)
             merge_and_unload(target)
+            self._merged = MergedAdapters(target, factors)
         self._readapted_stage = None
-
-
-def _snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Copies of every adapter's factors (small), to unmerge them again later."""
-    return {
-        name: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
-        for name, layer in lora_layers(model).items()
-    }
 
 
 def _fsdp_root(trainer: pl.Trainer) -> nn.Module | None:

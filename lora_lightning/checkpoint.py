@@ -97,13 +97,20 @@ def compare_fingerprints(
     return problems
 
 
+# Fields that say how a config is checked, not what the adapter is: a checkpoint may differ in them.
+_CHECK_ONLY_FIELDS = frozenset({"allow_unmatched_targets"})
+
+
 def config_differences(saved: Mapping[str, Any], config: LoRAConfig) -> list[str]:
-    """Fields where the checkpoint's LoRA config differs from ``config``, as readable messages."""
-    current = config.to_dict()
+    """Fields where the checkpoint's LoRA config differs from ``config``, as readable messages.
+
+    A field the checkpoint lacks (written before the field existed) counts as its default.
+    """
+    current, defaults = config.to_dict(), LoRAConfig().to_dict()
     return [
-        f"{field}={saved.get(field)!r} in the checkpoint, {current[field]!r} here"
+        f"{field}={saved.get(field, defaults[field])!r} in the checkpoint, {current[field]!r} here"
         for field in current
-        if saved.get(field) != current[field]
+        if field not in _CHECK_ONLY_FIELDS and saved.get(field, defaults[field]) != current[field]
     ]
 
 
@@ -115,3 +122,67 @@ def checkpoint_metadata(config: LoRAConfig, fingerprint: Mapping[str, Any], adap
         "fingerprint": dict(fingerprint),
         "adapter_keys": sorted(adapter_keys),
     }
+
+
+def check_adapter_checkpoint(
+    meta: Mapping[str, Any] | None,
+    config: LoRAConfig,
+    fingerprint: Mapping[str, Any],
+    adapter_keys: Iterable[str],
+    state_dict: Mapping[str, Any],
+    loose: Iterable[str] = (),
+) -> None:
+    """Refuse an adapter checkpoint that does not belong to this model, with the reason.
+
+    Args:
+        meta: the checkpoint's ``lora_lightning`` record (None: not written by the callback).
+        config: the LoRA config of the model about to be loaded into.
+        fingerprint: the fingerprint of that model's base tensors.
+        adapter_keys: state_dict keys the checkpoint must hold (adapter tensors).
+        state_dict: the checkpoint's ``state_dict``.
+        loose: fingerprint names compared at their dtype's rounding (see :func:`compare_fingerprints`).
+
+    Raises:
+        ValueError: another config, another base, missing or non-finite adapter tensors.
+    """
+    if meta is None:
+        raise ValueError(
+            "LoRACallback: this checkpoint was not written with LoRACallback (it has no 'lora_lightning' record), "
+            "so its adapters cannot be checked against this model; refusing to load"
+        )
+    differences = config_differences(meta["config"], config)
+    if differences:
+        raise ValueError(
+            "LoRACallback: the checkpoint's adapters were trained with a different LoRA config: "
+            + "; ".join(differences)
+        )
+    problems = compare_fingerprints(meta["fingerprint"], fingerprint, loose)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError(
+            "LoRACallback: the checkpoint's adapters were trained on a different base model: "
+            + "; ".join(problems[:3])
+            + more
+        )
+    keys = list(adapter_keys)
+    missing = [k for k in keys if k not in state_dict]
+    if missing:
+        raise ValueError(
+            f"LoRACallback: the checkpoint lacks {len(missing)} adapter tensor(s) this model needs, "
+            f"e.g. {missing[:3]}; refusing to load a partial adapter"
+        )
+    damaged = non_finite(state_dict, keys)
+    if damaged:
+        raise ValueError(
+            f"LoRACallback: the checkpoint's adapter tensor(s) {damaged[:3]} hold NaN or inf "
+            f"({len(damaged)} in all; a diverged run?); refusing to load them"
+        )
+
+
+def non_finite(tensors: Mapping[str, Any], keys: Iterable[str]) -> list[str]:
+    """The keys among ``keys`` whose floating-point tensor holds a NaN or an infinity."""
+    return [
+        key
+        for key in keys
+        if isinstance(t := tensors.get(key), torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()
+    ]

@@ -85,6 +85,11 @@ def name_matches(name: str, rule: str | list[str]) -> bool:
     return any(name == entry or name.endswith("." + entry) for entry in rule)
 
 
+def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """The adapter's scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
 def layer_index(name: str, layers_pattern: list[str] | None = None) -> int | None:
     """Index of the repeated block a module sits in (``model.layers.3.self_attn.q_proj`` -> 3).
 
@@ -157,6 +162,8 @@ class LoRAConfig:
     """LoRA-FA (Zhang et al. 2023): A stays at its init, only B trains, no layer input is saved."""
     adapter_dtype: str | None = None
     """dtype of A and B ("float32", "bfloat16", "float16"); None = the base weight's dtype."""
+    allow_unmatched_targets: bool = False
+    """A target_modules entry that names no module is an error (usually a typo); True lets it pass."""
 
     def __post_init__(self) -> None:
         p = _Problems()
@@ -165,8 +172,9 @@ class LoRAConfig:
             p.type_error(f"r must be a positive integer, got {self.r!r} ({type(self.r).__name__})")
         elif self.r <= 0:
             p.value_error(f"r must be a positive integer, got {self.r}")
-        if self.alpha is None and _is_int(self.r):
-            self.alpha = self.r
+        if self.alpha is None:
+            if _is_int(self.r):  # (a bad r is reported above; alpha then has no default to take)
+                self.alpha = self.r
         elif not _is_number(self.alpha):
             p.type_error(f"alpha must be a positive number, got {self.alpha!r}")
         elif not math.isfinite(self.alpha) or self.alpha <= 0:
@@ -175,7 +183,7 @@ class LoRAConfig:
             p.type_error(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         elif not 0.0 <= self.dropout < 1.0:
             p.value_error(f"dropout must be in [0, 1), got {self.dropout}")
-        for flag in ("use_rslora", "freeze_A"):
+        for flag in ("use_rslora", "freeze_A", "allow_unmatched_targets"):
             if not isinstance(getattr(self, flag), bool):
                 p.type_error(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.bias not in BIAS_MODES:
@@ -294,11 +302,6 @@ class LoRAConfig:
     def alpha_for(self, name: str) -> float:
         value = _pattern_value(self.alpha_pattern, name)
         return self.alpha if value is None else value  # type: ignore[return-value]
-
-    def scale_for(self, name: str) -> float:
-        """``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA) for the module of this name."""
-        r, alpha = self.rank_for(name), self.alpha_for(name)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     # -- plain-dict round trip (Hydra, checkpoints) ------------------------------------------
 

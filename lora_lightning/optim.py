@@ -101,3 +101,51 @@ def restrict_optimizer(
         if getattr(scheduler, "optimizer", None) is optimizer:
             _remap_scheduler(scheduler, plan, len(old_groups), lr_ratio_B)
     return len(kept)
+
+
+def restrict_optimizers(
+    result: Any,
+    trainable: list[torch.Tensor],
+    names: dict[int, str],
+    *,
+    lora_B: Iterable[torch.Tensor] = (),
+    lr_ratio_B: float = 1.0,
+    allow_empty: bool = False,
+) -> None:
+    """Restrict every optimizer ``configure_optimizers`` returned to the trainable parameters.
+
+    Checked first, before any optimizer changes: an optimizer that held parameters but none that
+    train would be emptied without a word, and the user would meet PyTorch's "element 0 of tensors
+    does not require grad" in their own ``training_step``.
+
+    Args:
+        result: what ``configure_optimizers`` returned (optimizers, schedulers, dicts, lists).
+        trainable: the parameters that train.
+        names: ``id(param) -> name``, for messages.
+        lora_B: the B factors (LoRA+ moves them to groups of their own).
+        lr_ratio_B: LoRA+ ratio of B's learning rate to A's.
+        allow_empty: let an optimizer over frozen parameters only be emptied (a user's choice).
+
+    Raises:
+        ValueError: every optimizer would be empty; or one would be and ``allow_empty`` is False.
+    """
+    optimizers, schedulers = find_optimizers_and_schedulers(result)
+    keep = {id(p) for p in trainable}
+    held = [[p for group in opt.param_groups for p in group["params"]] for opt in optimizers]
+    emptied = [(i, params) for i, params in enumerate(held) if params and not any(id(p) in keep for p in params)]
+    if optimizers and len(emptied) == len(optimizers):
+        raise ValueError(
+            "LoRACallback: configure_optimizers returned optimizers over frozen parameters only; "
+            f"none of the {len(trainable)} trainable (adapter) parameters is in them"
+        )
+    if emptied and not allow_empty:
+        index, params = emptied[0]
+        listed = [names.get(id(p), "?") for p in params]
+        shown = ", ".join(listed[:4]) + (f", ... ({len(listed)} in all)" if len(listed) > 4 else "")
+        raise ValueError(
+            f"LoRACallback: optimizer {index} of configure_optimizers ({type(optimizers[index]).__name__}) holds only "
+            f"parameters the callback froze ({shown}), so nothing in it would train; add those modules to "
+            "modules_to_save, put target_modules inside them, or pass allow_empty_optimizers=True to keep it empty"
+        )
+    for optimizer in optimizers:
+        restrict_optimizer(optimizer, trainable, schedulers, lora_B, lr_ratio_B)

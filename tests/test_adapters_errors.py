@@ -99,6 +99,14 @@ TENSOR_ERRORS = {
         ),
         r"several adapters \['default', 'other'\]",
     ),
+    "nan-factor": (
+        lambda t: t[f"{LAYER0_Q}.lora_B.weight"].fill_(float("nan")),
+        r"key .*layers\.0\.self_attn\.q_proj\.lora_B\.weight' holds 256 NaN or inf value",
+    ),
+    "inf-in-saved-module": (
+        lambda t: t["base_model.model.lm_head.weight"].view(-1)[7:9].fill_(float("inf")),
+        r"key 'base_model\.model\.lm_head\.weight' holds 2 NaN or inf value",
+    ),
     "duplicates-disagree": (
         lambda t: t.update({f"{LAYER0_Q}.lora_A.default.weight": t[f"{LAYER0_Q}.lora_A.weight"] + 1}),
         r"disagrees with another key",

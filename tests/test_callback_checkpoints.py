@@ -110,6 +110,19 @@ def test_mismatched_checkpoint_is_refused_with_the_reason(tmp_path, make_callbac
             assert torch.equal(value, original), key
 
 
+def test_a_checkpoint_with_non_finite_adapter_tensors_is_refused_naming_them(tmp_path):
+    _, checkpoint = _fit_with_checkpoints(tmp_path, epochs=1)
+    content = torch.load(checkpoint.best_model_path, weights_only=True)
+    key = "model.model.layers.1.self_attn.v_proj.lora_B"
+    content["state_dict"][key][3, 1] = float("nan")  # a diverged step saved as is
+    damaged = tmp_path / "damaged.ckpt"
+    torch.save(content, damaged)
+    module = CausalLM()
+    with pytest.raises(ValueError, match=rf"adapter tensor\(s\) \['{key}'\] hold NaN or inf"):
+        _trainer(tmp_path, [_callback()], max_epochs=2).fit(module, token_data(), ckpt_path=damaged)
+    assert module.losses == []
+
+
 def test_lora_fa_checkpoints_keep_the_frozen_A(tmp_path):
     """Under LoRA-FA A does not train, but it is half of the adapter: a resume needs it."""
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt")

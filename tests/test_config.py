@@ -6,19 +6,20 @@ import pytest
 
 from lora_lightning import LoRAConfig
 from lora_lightning.config import layer_index, name_matches
+from tests.reference import scale_of
 
 
 def test_defaults_scale_one_and_plain_lists():
     config = LoRAConfig(r=16, target_modules=("q_proj", "v_proj"))
     assert config.alpha == 16
-    assert config.scale_for("model.layers.0.self_attn.q_proj") == 1.0
+    assert scale_of(config, "model.layers.0.self_attn.q_proj") == 1.0
     assert config.target_modules == ["q_proj", "v_proj"]  # tuples normalised for equality and dicts
 
 
 def test_rslora_scale():
     config = LoRAConfig(r=16, alpha=32, use_rslora=True)
-    assert config.scale_for("x.q_proj") == pytest.approx(32 / math.sqrt(16))
-    assert LoRAConfig(r=16, alpha=32).scale_for("x.q_proj") == pytest.approx(2.0)
+    assert scale_of(config, "x.q_proj") == pytest.approx(32 / math.sqrt(16))
+    assert scale_of(LoRAConfig(r=16, alpha=32), "x.q_proj") == pytest.approx(2.0)
 
 
 def test_dict_round_trip_is_lossless():
@@ -105,4 +106,13 @@ def test_patterns_override_rank_and_alpha():
     assert config.rank_for("model.layers.0.self_attn.q_proj") == 4
     assert config.alpha_for("model.layers.1.self_attn.q_proj") == 2
     assert config.alpha_for("model.layers.0.self_attn.q_proj") == 8
-    assert config.scale_for("model.layers.0.self_attn.v_proj") == pytest.approx(8 / 16)
+    assert scale_of(config, "model.layers.0.self_attn.v_proj") == pytest.approx(8 / 16)
+
+
+def test_a_bad_r_is_the_only_problem_reported_when_alpha_was_not_given():
+    with pytest.raises(TypeError) as err:
+        LoRAConfig(r=4.0)
+    assert str(err.value) == "r must be a positive integer, got 4.0 (float)"
+    with pytest.raises(ValueError) as err:
+        LoRAConfig(r=0)
+    assert str(err.value) == "r must be a positive integer, got 0"

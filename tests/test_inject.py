@@ -115,6 +115,30 @@ def test_all_linear_skips_the_head_of_a_wrapped_hf_model_and_conventional_heads(
     assert {"model.model.layers.0.self_attn.q_proj", "body.0", "body.classifier"} <= names
 
 
+def test_all_linear_skips_a_plain_modules_head_named_by_convention():
+    """Outside transformers there is no output-embeddings accessor: a child of the root named
+    lm_head, head, output, score, classifier, qa_outputs or cls is the head (README documents it)."""
+    for head in ("head", "output"):
+        net = nn.Sequential()
+        net.add_module("body", nn.Linear(8, 8))
+        net.add_module(head, nn.Linear(8, 3))
+        report = inject_lora(net, LoRAConfig(r=2, target_modules="all-linear"))
+        assert [m.name for m in report.modules] == ["body"], head
+
+
+def test_a_list_entry_that_names_no_module_is_an_error_with_the_nearest_names():
+    model = tiny_llama()
+    before = _state_snapshot(model)
+    with pytest.raises(ValueError, match=r"entry matched no module: 'q_prj' \(nearest module names: q_proj") as err:
+        inject_lora(model, LoRAConfig(target_modules=["q_prj", "v_proj"]))
+    assert "allow_unmatched_targets=True" in str(err.value)
+    assert _state_snapshot(model) == before
+    with pytest.raises(ValueError, match=r"'self_atn.v_proj' \(nearest module names: v_proj.*self_attn.v_proj"):
+        inject_lora(model, LoRAConfig(target_modules=["self_atn.v_proj", "q_proj"]))
+    report = inject_lora(model, LoRAConfig(target_modules=["q_prj", "v_proj"], allow_unmatched_targets=True))
+    assert {m.name.rsplit(".", 1)[-1] for m in report.modules} == {"v_proj"}
+
+
 def test_large_reports_group_modules_by_block_index():
     model = tiny_llama(layers=8)
     report = inject_lora(model, LoRAConfig(r=4, target_modules="all-linear"))

@@ -13,14 +13,9 @@ Every write goes to a temporary sibling directory that is renamed into place whe
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import os
-import shutil
-import sys
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +26,8 @@ from torch import Tensor, nn
 
 from lora_lightning import peft_format as pf
 from lora_lightning.config import LoRAConfig
+from lora_lightning.export import export_merged
+from lora_lightning.files import atomic_directory, check_destination, tensors_for_file
 from lora_lightning.inject import (
     _CONFIG_ATTR,
     LoRAReport,
@@ -45,12 +42,6 @@ from lora_lightning.inject import (
 )
 from lora_lightning.layers import LoRALinear
 from lora_lightning.load_plan import choose_config, plan_load, saved_modules, with_file_dtype
-from lora_lightning.merge import merge_and_unload
-
-MERGED_WEIGHTS_NAME = "model.safetensors"
-MERGED_MARKERS = ("config.json", MERGED_WEIGHTS_NAME)  # what marks a directory as a merged export
-ADAPTER_DIR, MERGED_DIR = "adapter", "merged"  # the callback's exports inside its export_dir
-
 
 # -- what belongs to the adapter ---------------------------------------------------------------------
 
@@ -90,93 +81,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     prefix, root, config = _adapted_root(model)
     dot = prefix + "." if prefix else ""
     return {dot + key: tensor for key, tensor in _own_adapter_state(root, config).items()}
-
-
-# -- atomic directories --------------------------------------------------------------------------------
-
-
-def _check_destination(target: Path, marker: tuple[str, ...] = ()) -> None:
-    """A destination may be new, or a directory this kind of write made before (it holds a marker file).
-
-    Any other non-empty directory is refused: replacing it would delete files that are not ours.
-    """
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"directory {str(target)!r} exists and is not a directory; pick another path")
-    if marker and target.is_dir() and any(target.iterdir()) and not any((target / m).is_file() for m in marker):
-        entries = sorted(p.name for p in target.iterdir())[:5]
-        raise ValueError(
-            f"directory {str(target)!r} is not empty and holds no {' or '.join(marker)} ({entries}); "
-            "writing here would replace it as a whole: pick a new or empty directory"
-        )
-
-
-def check_export_destination(export_dir: str | os.PathLike) -> None:
-    """The checks the exports into ``export_dir`` (``adapter/``, ``merged/``) make, made up front.
-
-    The callback calls this at setup, so a destination that would be refused at fit end (a file
-    in the way, a directory holding someone else's files) fails before any compute is spent.
-    """
-    root = Path(export_dir)
-    if root.exists() and not root.is_dir():
-        raise ValueError(f"export_dir {str(root)!r} exists and is not a directory; pick another path")
-    _check_destination(root / ADAPTER_DIR, (pf.CONFIG_NAME,))
-    _check_destination(root / MERGED_DIR, MERGED_MARKERS)
-
-
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-@contextlib.contextmanager
-def _atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a fresh sibling directory; on success it replaces ``target``, on error it is removed.
-
-    A directory cannot be renamed over a non-empty one, so an existing ``target`` is first renamed
-    aside and deleted only after the new one is in place (and renamed back if that fails).
-    """
-    _check_destination(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()  # mode from the umask, unlike mkdtemp's 0700, so other readers (servers) can open it
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:12]}"
-            os.rename(target, old)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _for_file(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """CPU, contiguous, and no two tensors sharing memory (safetensors refuses tied weights)."""
-    out: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for key, tensor in tensors.items():
-        tensor = tensor.detach().to("cpu").contiguous()
-        if tensor.untyped_storage().data_ptr() in seen:
-            tensor = tensor.clone()
-        seen.add(tensor.untyped_storage().data_ptr())
-        out[key] = tensor
-    return out
-
-
-# -- save ---------------------------------------------------------------------------------------------
 
 
 def _name_or_path(model: nn.Module) -> str | None:
@@ -222,7 +126,7 @@ def save_adapter(
         The directory.
     """
     target = Path(directory)
-    _check_destination(target, (pf.CONFIG_NAME,))
+    check_destination(target, (pf.CONFIG_NAME,))
     _, root, config = _adapted_root(model)
     layers = lora_layers(root)
     tensors = {}
@@ -245,9 +149,9 @@ def save_adapter(
     _check_round_trip(root, data, layers)
     # PEFT ignores the metadata; we keep our own config there to restore fields PEFT lacks (freeze_A, ...).
     metadata = {"format": "pt", pf.METADATA_CONFIG_KEY: json.dumps(config.to_dict(), sort_keys=True)}
-    with _atomic_directory(target) as tmp:
+    with atomic_directory(target) as tmp:
         (tmp / pf.CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        safetensors.torch.save_file(_for_file(tensors), tmp / pf.WEIGHTS_NAME, metadata=metadata)
+        safetensors.torch.save_file(tensors_for_file(tensors), tmp / pf.WEIGHTS_NAME, metadata=metadata)
     return target
 
 
@@ -345,54 +249,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, trainable: b
 
 
 # -- merged export ------------------------------------------------------------------------------------
-
-
-def _is_pretrained_model(model: nn.Module) -> bool:
-    module = sys.modules.get("transformers.modeling_utils")
-    cls = getattr(module, "PreTrainedModel", None) if module is not None else None
-    return cls is not None and isinstance(model, cls)
-
-
-def export_merged(
-    model: nn.Module,
-    directory: str | os.PathLike,
-    tokenizer: Any | None = None,
-    *,
-    in_place: bool = False,
-) -> Path:
-    """Write the model with adapters merged in, as an ordinary checkpoint.
-
-    A transformers ``PreTrainedModel`` is written with ``save_pretrained`` (safetensors) and the
-    tokenizer with its ``save_pretrained``, so ``AutoModel*.from_pretrained(directory)`` loads it;
-    any other module becomes ``model.safetensors`` holding its original state_dict keys (tied
-    tensors stored under each key), which ``load_state_dict(strict=True)`` accepts.
-    An existing ``directory`` is replaced as a whole, once the new one is complete.
-
-    Args:
-        model: a model carrying adapters (or a plain model, written as is).
-        directory: destination directory.
-        tokenizer: anything with ``save_pretrained(directory)``, or None.
-        in_place: merge and unload ``model`` itself instead of a deep copy (saves the memory of
-            the copy; the model is left plain and merged). A model without adapters is never copied.
-
-    Returns:
-        The directory.
-    """
-    target = Path(directory)
-    _check_destination(target, MERGED_MARKERS)
-    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
-        raise TypeError(f"tokenizer must have a save_pretrained(directory) method, got {type(tokenizer).__name__}")
-    # A model without LoRA layers (merged and unloaded already) is written as it is: no copy needed.
-    merged = merge_and_unload(model if in_place or not lora_layers(model) else copy.deepcopy(model))
-    with _atomic_directory(target) as tmp:
-        if _is_pretrained_model(merged):
-            merged.save_pretrained(tmp)
-        else:
-            tensors = _for_file(merged.state_dict())
-            safetensors.torch.save_file(tensors, tmp / MERGED_WEIGHTS_NAME, metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return target
 
 
 __all__ = ["adapter_state_dict", "export_merged", "load_adapter", "save_adapter"]

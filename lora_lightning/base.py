@@ -17,6 +17,7 @@ containing one implies.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +38,7 @@ class BaseKind:
     transposed = False
     dense = True
     embedding = False
+    exact_by_dequantizing = True  # (quantized kinds) x @ dense_weight().T is what the layer computes
 
     def claims(self, module: nn.Module) -> bool:
         """Whether ``module`` is of this kind."""
@@ -66,6 +68,9 @@ class BaseKind:
             return f"has {kind}; LoRA needs a floating-point weight"
         return None
 
+    def adopt(self, module: nn.Module) -> None:
+        """Called when an adapter starts to wrap ``module`` (quantized kinds fix their layout)."""
+
     def is_meta(self, module: nn.Module) -> bool:
         return self.stored_weight(module).is_meta
 
@@ -73,6 +78,18 @@ class BaseKind:
         """The base weight as ``(out, in)``: a view of the stored tensor for dense kinds."""
         weight = self.stored_weight(module)
         return weight.t() if self.transposed else weight
+
+    def dequantized(self, module: nn.Module, dtype: torch.dtype) -> nn.Module:
+        """A plain ``nn.Linear`` holding this layer's weight in ``dtype`` (what a merge into a
+        quantized layer writes into: the update is far below the quantization step)."""
+        in_f, out_f = self.features(module)
+        bias = getattr(module, "bias", None)
+        weight = self.dense_weight(module)
+        linear = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=bias.requires_grad)
+        return linear
 
     @torch.no_grad()
     def add_update(self, module: nn.Module, left: Tensor, right: Tensor, alpha: float) -> None:
@@ -132,6 +149,8 @@ def conv1d_class() -> type | None:
 # Tried in order; quantized kinds (registered by lora_lightning.quantized) come first, since some
 # of them subclass nn.Linear.
 _KINDS: list[BaseKind] = [BaseKind(), Conv1DKind(), EmbeddingKind()]
+# Counters of packed tensors (4-bit weights hold two parameters a byte), registered with the kinds.
+_PACKED: list[Callable[[Tensor], int | None]] = []
 
 
 def register_kind(kind: BaseKind) -> None:
@@ -140,8 +159,30 @@ def register_kind(kind: BaseKind) -> None:
         _KINDS.insert(0, kind)
 
 
+def register_packed_numel(count: Callable[[Tensor], int | None]) -> None:
+    """Register how many parameters a packed tensor stands for (None: not a tensor it knows)."""
+    if count not in _PACKED:
+        _PACKED.append(count)
+
+
+def _load_quantized_kinds() -> None:
+    if "bitsandbytes" in sys.modules:  # its layers imply it is loaded; the module registers their kinds
+        import lora_lightning.quantized  # noqa: F401
+
+
+def logical_numel(param: Tensor) -> int:
+    """The number of parameters ``param`` stands for: its numel, unpacked for a packed 4-bit tensor."""
+    _load_quantized_kinds()
+    for count in _PACKED:
+        n = count(param)
+        if n is not None:
+            return n
+    return param.numel()
+
+
 def base_kind(module: nn.Module) -> BaseKind | None:
     """The kind of ``module`` if an adapter can wrap it, else None."""
+    _load_quantized_kinds()
     return next((kind for kind in _KINDS if kind.claims(module)), None)
 
 

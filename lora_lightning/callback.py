@@ -2,15 +2,17 @@
 
 Glue only; the work is done by the core:
 
-* ``setup``: inject (idempotent) and freeze; wrap the module's ``configure_optimizers`` so only
-  trainable parameters reach the optimizer; wrap ``configure_model`` for modules that build their
-  network there; set ``strict_loading = False`` so adapter-only checkpoints load.
+* ``setup``: quantize the base when asked (``quantize="nf4"``), inject (idempotent) and freeze;
+  wrap the module's ``configure_optimizers`` so only trainable parameters reach the optimizer;
+  wrap ``configure_model`` for modules that build their network there; set
+  ``strict_loading = False`` so adapter-only checkpoints load (:mod:`lora_lightning.wrapping`).
 * checkpoints: the module's ``on_save_checkpoint`` (the one hook Lightning calls also for
   ``save_weights_only=True``) drops the frozen base weights and records config + base fingerprint;
   its ``on_load_checkpoint`` refuses a checkpoint made for another rank, targets or base.
 * ``on_fit_start``: print the adapted-module table, log config and counts to every logger.
 * fit end (``on_train_end`` under FSDP, where full parameters are still reachable): export the
-  adapter, merge, export the merged model; rank zero writes, the others wait.
+  adapter, merge (measuring how much of each update the merged weights keep), export the merged
+  model; rank zero writes, the others wait.
 
 After a merge the callback remembers the final adapters (they are small), the merged module and a
 fingerprint of its merged weights (:mod:`lora_lightning.remerge`). If a later call needs adapters
@@ -22,10 +24,12 @@ never changes weights it did not merge itself.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -33,23 +37,18 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from lora_lightning.adapters import (
-    ADAPTER_DIR,
-    MERGED_DIR,
-    adapter_state_dict,
-    check_export_destination,
-    export_merged,
-    save_adapter,
-)
+from lora_lightning.adapters import adapter_state_dict, export_merged, save_adapter
 from lora_lightning.checkpoint import base_fingerprint, base_tensors, check_adapter_checkpoint, checkpoint_metadata
-from lora_lightning.config import LoRAConfig
-from lora_lightning.inject import LoRAReport, inject_lora, lora_layers
-from lora_lightning.merge import merge_and_unload, merge_lora
+from lora_lightning.config import QUANT_METHODS, LoRAConfig
+from lora_lightning.export import holds_quantized
+from lora_lightning.files import ADAPTER_DIR, MERGED_DIR, check_export_destination
+from lora_lightning.inject import LoRAReport, inject_lora, lora_layers, modules_to_save_names
+from lora_lightning.merge import MergeFidelity, merge_and_unload, merge_lora
 from lora_lightning.optim import restrict_optimizers
 from lora_lightning.remerge import MergedAdapters, snapshot_factors
+from lora_lightning.wrapping import enable_input_grads_for_checkpointing, fsdp_root, install_wrappers, print_report
 
 CHECKPOINT_KEY = "lora_lightning"
-_WRAPPED = "_lora_lightning_wrapped"
 
 
 def default_optimizer(params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -61,12 +60,14 @@ class LoRACallback(pl.Callback):
     """Inject LoRA adapters at setup, train only them, checkpoint only them, merge at fit end.
 
     Args:
-        config: the LoRA config; or give its fields as keyword arguments (``r=16, alpha=32, ...``).
+        config: the LoRA config; or give its fields instead (``r=16, alpha=32, ...``: every
+            :class:`~lora_lightning.LoRAConfig` field is a keyword here, None meaning "its default").
         module: dotted path of the submodule to adapt (e.g. ``"model"``); None adapts the whole
             LightningModule.
         merge_on_fit_end: merge adapters into the weights and put plain layers back at fit end.
+            A quantized layer is dequantized for the merge (into its compute dtype).
         export_dir: if set, write ``export_dir/adapter`` (PEFT format) and ``export_dir/merged``
-            (merged model, plus tokenizer) at fit end.
+            (merged model, plus tokenizer; unquantized) at fit end. Checked at setup.
         lr_ratio_B: LoRA+: B's learning rate is this times A's (separate param groups).
         optimizer: factory ``params -> Optimizer`` used when ``configure_optimizers`` returns None.
         tokenizer: saved with the merged model; defaults to ``pl_module.tokenizer`` if present.
@@ -75,13 +76,32 @@ class LoRACallback(pl.Callback):
             (:mod:`lora_lightning.sharing`); off by default, its GPU gain is not measured yet.
         allow_empty_optimizers: let an optimizer of ``configure_optimizers`` that holds only
             frozen parameters be emptied; by default that is an error naming it.
-        **config_fields: LoRAConfig fields, when ``config`` is not given.
+        quantize: "nf4", "nf4-dq", "fp4" or "int8": quantize the base's linear layers with
+            bitsandbytes at setup, before the adapters are created (QLoRA for any module); the
+            output head, embeddings and ``modules_to_save`` stay in full precision.
     """
 
     def __init__(
         self,
         config: LoRAConfig | None = None,
         *,
+        r: int | None = None,
+        alpha: float | None = None,
+        dropout: float | None = None,
+        use_rslora: bool | None = None,
+        bias: Literal["none", "all", "lora_only"] | None = None,
+        target_modules: list[str] | str | None = None,
+        exclude_modules: list[str] | str | None = None,
+        layers_to_transform: list[int] | int | None = None,
+        layers_pattern: list[str] | str | None = None,
+        rank_pattern: dict[str, int] | None = None,
+        alpha_pattern: dict[str, float] | None = None,
+        modules_to_save: list[str] | None = None,
+        init_lora_weights: Literal["kaiming", "gaussian"] | None = None,
+        init_std: float | None = None,
+        freeze_A: bool | None = None,
+        adapter_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        allow_unmatched_targets: bool | None = None,
         module: str | None = None,
         merge_on_fit_end: bool = True,
         export_dir: str | os.PathLike | None = None,
@@ -91,19 +111,24 @@ class LoRACallback(pl.Callback):
         base_model_name_or_path: str | None = None,
         share_inputs: bool = False,
         allow_empty_optimizers: bool = False,
-        **config_fields: Any,
+        quantize: Literal["nf4", "nf4-dq", "fp4", "int8"] | None = None,
     ) -> None:
-        if config is not None and config_fields:
-            raise TypeError(
-                f"give either config or LoRAConfig fields, not both (got config and {sorted(config_fields)})"
-            )
+        arguments = locals()
+        fields = {f.name: arguments[f.name] for f in dataclasses.fields(LoRAConfig) if arguments[f.name] is not None}
+        if config is not None and fields:
+            raise TypeError(f"give either config or LoRAConfig fields, not both (got config and {sorted(fields)})")
         if config is not None and not isinstance(config, LoRAConfig):
             raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
         if isinstance(lr_ratio_B, bool) or not isinstance(lr_ratio_B, (int, float)) or not lr_ratio_B > 0:
             raise ValueError(f"lr_ratio_B must be a positive number, got {lr_ratio_B!r}")
         if module is not None and (not isinstance(module, str) or not module):
             raise ValueError(f"module must be a dotted submodule path such as 'model', or None, got {module!r}")
-        self.config = config if config is not None else LoRAConfig(**config_fields)
+        for flag in ("merge_on_fit_end", "share_inputs", "allow_empty_optimizers"):
+            if not isinstance(arguments[flag], bool):
+                raise TypeError(f"{flag} must be True or False, got {arguments[flag]!r}")
+        if quantize is not None and quantize not in QUANT_METHODS:
+            raise ValueError(f"quantize must be None or one of {', '.join(map(repr, QUANT_METHODS))}, got {quantize!r}")
+        self.config = config if config is not None else LoRAConfig(**fields)
         self.module = module
         self.merge_on_fit_end = merge_on_fit_end
         self.export_dir = Path(export_dir) if export_dir is not None else None
@@ -111,19 +136,19 @@ class LoRACallback(pl.Callback):
         self.optimizer_factory = optimizer or default_optimizer
         self.tokenizer = tokenizer
         self.base_model_name_or_path = base_model_name_or_path
-        for flag, value in (("share_inputs", share_inputs), ("allow_empty_optimizers", allow_empty_optimizers)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{flag} must be True or False, got {value!r}")
         self.share_inputs = share_inputs
         self.allow_empty_optimizers = allow_empty_optimizers
+        self.quantize = quantize
 
         self.report: LoRAReport | None = None
+        self.merge_fidelity: MergeFidelity | None = None  # how much of the update the fit-end merge kept
         self.export_paths: dict[str, Path] = {}
         self._fingerprint: dict[str, Any] | None = None
         self._frozen_keys: set[str] = set()  # LightningModule state_dict keys left out of checkpoints
         self._adapter_keys: list[str] = []  # LightningModule state_dict keys a checkpoint must hold
         self._own_adapter_keys: set[str] = set()  # the same, relative to the adapted submodule
         self._merged: MergedAdapters | None = None  # what the last fit end merged, and into which module
+        self._quantized: weakref.ref[nn.Module] | None = None  # the module this callback quantized
         self._restored_by_unmerge: set[str] = set()  # fingerprint names restored by our own unmerge
         self._readapted_stage: str | None = None
         self._input_grads_enabled: list[nn.Module] = []
@@ -156,7 +181,14 @@ class LoRACallback(pl.Callback):
         if stage == "fit" and self.export_dir is not None:  # the fit-end writes, checked before any step
             check_export_destination(self.export_dir)
         pl_module.strict_loading = False
-        self._install_wrappers(pl_module)
+        install_wrappers(
+            pl_module,
+            self,
+            restrict=lambda result: self._restrict_optimizers(pl_module, result),
+            on_save=self._filter_checkpoint,
+            on_load=lambda checkpoint: self._check_checkpoint(pl_module, checkpoint),
+            after_configure_model=lambda: self._prepare(pl_module, self._stage),
+        )
         if is_overridden("configure_model", pl_module):
             return  # the wrapped configure_model injects once the network exists
         self._prepare(pl_module, stage)
@@ -170,6 +202,8 @@ class LoRACallback(pl.Callback):
                 self._readapt(target, self._merged, stage)
             else:
                 self._start_afresh(target)
+        if self.quantize is not None and not lora_layers(target):
+            self._quantize(target)
         self.report = inject_lora(target, self.config, share_inputs=self.share_inputs)
         prefix = self._prefix()
         # What belongs to the adapter (factors, trained biases, modules_to_save; lora_A too under
@@ -180,6 +214,17 @@ class LoRACallback(pl.Callback):
             self._fingerprint = base_fingerprint(base_tensors(target, self._own_adapter_keys))
         self._adapter_keys = sorted(prefix + key for key in self._own_adapter_keys)
         self._frozen_keys = {prefix + key for key in target.state_dict() if key not in self._own_adapter_keys}
+
+    def _quantize(self, target: nn.Module) -> None:
+        """Quantize the base once; a second setup (validate after fit) finds it done."""
+        if self._quantized is not None and self._quantized() is target and holds_quantized(target):
+            return
+        from lora_lightning.inject import plan_targets
+        from lora_lightning.quantized import quantize_model
+
+        plan_targets(target, self.config)  # a config that cannot adapt this model fails before any change
+        quantize_model(target, self.quantize, keep=modules_to_save_names(target, self.config))  # type: ignore[arg-type]
+        self._quantized = weakref.ref(target)
 
     def _start_afresh(self, target: nn.Module) -> None:
         """Forget an earlier fit's merge: ``target`` is not that merged module (or changed since)."""
@@ -195,40 +240,6 @@ class LoRACallback(pl.Callback):
         self._restored_by_unmerge = merged.restore(target, self.config, self.share_inputs)
         self._merged = None
         self._readapted_stage = stage
-
-    def _install_wrappers(self, pl_module: pl.LightningModule) -> None:
-        if getattr(pl_module, _WRAPPED, None) is self:
-            return
-        had_configure_optimizers = is_overridden("configure_optimizers", pl_module)
-        original_configure_optimizers = pl_module.configure_optimizers
-        original_save = pl_module.on_save_checkpoint
-        original_load = pl_module.on_load_checkpoint
-
-        def configure_optimizers() -> Any:
-            result = original_configure_optimizers() if had_configure_optimizers else None
-            return self._restrict_optimizers(pl_module, result)
-
-        def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
-            original_save(checkpoint)
-            self._filter_checkpoint(checkpoint)
-
-        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
-            original_load(checkpoint)
-            self._check_checkpoint(pl_module, checkpoint)
-
-        # Plain functions (no functools.wraps: Lightning's is_overridden follows __wrapped__).
-        pl_module.configure_optimizers = configure_optimizers
-        pl_module.on_save_checkpoint = on_save_checkpoint
-        pl_module.on_load_checkpoint = on_load_checkpoint
-        if is_overridden("configure_model", pl_module):
-            original_configure_model = pl_module.configure_model
-
-            def configure_model() -> None:
-                original_configure_model()
-                self._prepare(pl_module, self._stage)
-
-            pl_module.configure_model = configure_model
-        object.__setattr__(pl_module, _WRAPPED, self)
 
     # -- optimizer -----------------------------------------------------------------------------
 
@@ -281,35 +292,20 @@ class LoRACallback(pl.Callback):
     # -- fit start: report and logging ---------------------------------------------------------
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._enable_input_grads_for_checkpointing(self._target(pl_module))
+        self._input_grads_enabled = enable_input_grads_for_checkpointing(self._target(pl_module))
         if self.report is None:
             return
         if trainer.is_global_zero:
-            _print_report(self.report)
+            print_report(self.report)
         for logger in trainer.loggers:
-            logger.log_hyperparams({**self.report.hparams(), "lora/lr_ratio_B": self.lr_ratio_B})
+            extra = {"lora/lr_ratio_B": self.lr_ratio_B, "lora/quantize": self.quantize or "none"}
+            logger.log_hyperparams({**self.report.hparams(), **extra})
             logger.log_metrics(self.report.metrics(), step=trainer.global_step)
-
-    def _enable_input_grads_for_checkpointing(self, target: nn.Module) -> None:
-        """Reentrant checkpointing drops gradients when no block input requires grad, and with a
-        frozen embedding none does: have the (outermost) HF model's embedding output require it,
-        unless the model already does (recent transformers do it in gradient_checkpointing_enable)."""
-        for module in target.modules():
-            if not hasattr(module, "enable_input_require_grads"):
-                continue
-            checkpointing = getattr(module, "is_activation_checkpointing", None)
-            if checkpointing is None:
-                checkpointing = getattr(module, "is_gradient_checkpointing", False)
-            already = getattr(module, "_require_grads_hooks", None) or getattr(module, "_require_grads_hook", None)
-            if checkpointing and not already:
-                module.enable_input_require_grads()
-                self._input_grads_enabled.append(module)
-            return  # the outermost model covers its submodels
 
     # -- fit end: export and merge -------------------------------------------------------------
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        fsdp_model = _fsdp_root(trainer)
+        fsdp_model = fsdp_root(trainer)
         if fsdp_model is None:
             return
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -327,7 +323,7 @@ class LoRACallback(pl.Callback):
             self._export_and_merge(trainer, pl_module, unload=True)
         for module in self._input_grads_enabled:
             module.disable_input_require_grads()
-        self._input_grads_enabled.clear()
+        self._input_grads_enabled = []
 
     def _export_and_merge(self, trainer: pl.Trainer, pl_module: pl.LightningModule, unload: bool) -> None:
         """Write the adapter, merge (and unload), write the merged model; rank zero writes."""
@@ -336,27 +332,37 @@ class LoRACallback(pl.Callback):
             return
         writes = self.export_dir is not None and trainer.is_global_zero
         tokenizer = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
+        merged_dir = self.export_dir / MERGED_DIR if self.export_dir is not None else None
         if writes:
             self.export_paths["adapter"] = save_adapter(
                 target, self.export_dir / ADAPTER_DIR, base_model_name_or_path=self.base_model_name_or_path
             )
+        # A quantized model is written before the merge, from float32 sums, tensor by tensor; a
+        # dense one after it, as it is (no copy).
+        export_first = holds_quantized(target)
+        if writes and export_first:
+            self.export_paths["merged"] = export_merged(target, merged_dir, tokenizer=tokenizer)
         if self.merge_on_fit_end:
             factors = snapshot_factors(target)
-            if unload:
-                merge_and_unload(target)
-            else:
-                merge_lora(target)  # under FSDP: merged in place, plain layers go back at fit end
+            self.merge_fidelity = MergeFidelity()
+            (merge_and_unload if unload else merge_lora)(target, self.merge_fidelity)  # FSDP: unload at fit end
             self._merged = MergedAdapters(target, factors)
-        if writes:
-            # A plain model is written as it is; one still holding LoRA layers is merged as a copy.
-            self.export_paths["merged"] = export_merged(target, self.export_dir / MERGED_DIR, tokenizer=tokenizer)
+            self._report_merge(trainer)
+        if writes and not export_first:
+            self.export_paths["merged"] = export_merged(target, merged_dir, tokenizer=tokenizer)
         if self.export_dir is not None:
             trainer.strategy.barrier("lora_lightning_export")
-            self.export_paths = {"adapter": self.export_dir / ADAPTER_DIR, "merged": self.export_dir / MERGED_DIR}
-            rank_zero_info(
-                f"LoRA: adapter written to {self.export_paths['adapter']}, merged model to "
-                f"{self.export_paths['merged']}"
-            )
+            self.export_paths = {"adapter": self.export_dir / ADAPTER_DIR, "merged": merged_dir}
+            rank_zero_info(f"LoRA: adapter written to {self.export_paths['adapter']}, merged model to {merged_dir}")
+
+    def _report_merge(self, trainer: pl.Trainer) -> None:
+        fidelity = self.merge_fidelity
+        if fidelity is None or not fidelity.per_layer:
+            return
+        rank_zero_info(f"LoRA: merged the adapters; {fidelity}")
+        metrics = {f"lora/merge_{key}": float(value) for key, value in fidelity.summary().items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # A validate/test that re-adapted a merged model to load a checkpoint leaves it merged again.
@@ -366,26 +372,6 @@ class LoRACallback(pl.Callback):
             merge_and_unload(target)
             self._merged = MergedAdapters(target, factors)
         self._readapted_stage = None
-
-
-def _fsdp_root(trainer: pl.Trainer) -> nn.Module | None:
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    return trainer.strategy.model if isinstance(trainer.strategy, FSDPStrategy) else None
-
-
-def _print_report(report: LoRAReport) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="LoRA adapters", title_justify="left")
-    for column, justify in (("module", "left"), ("type", "left"), ("in", "right"), ("out", "right"), ("r", "right")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for row in report.rows():
-        table.add_row(*row)
-    console = Console()
-    console.print(table)
-    console.print(str(report.params))
 
 
 __all__ = ["LoRACallback", "default_optimizer"]

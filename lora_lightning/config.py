@@ -26,6 +26,8 @@ InitMode = Literal["kaiming", "gaussian"]
 BIAS_MODES: tuple[str, ...] = ("none", "all", "lora_only")
 INIT_MODES: tuple[str, ...] = ("kaiming", "gaussian")
 ADAPTER_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+# Quantizations of a base (lora_lightning.quantized): nf4, nf4 with double-quantized scales, fp4, LLM.int8().
+QUANT_METHODS: tuple[str, ...] = ("nf4", "nf4-dq", "fp4", "int8")
 
 # The first numbered path segment is the index of the repeated block: ``model.layers.3.mlp`` -> 3.
 # Lazy ``.*?`` so that nested indices (``layers.1.experts.0``) yield the block, not the expert.

@@ -74,6 +74,11 @@ def _output_head_names(model: nn.Module, candidates: list[tuple[str, nn.Module]]
     return names
 
 
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output heads "all-linear" (and quantization) leave alone; see :data:`HEAD_NAMES`."""
+    return _output_head_names(model, _candidate_modules(model))
+
+
 def _is_linear(module: nn.Module) -> bool:
     kind = adaptable_kind(module)
     return kind is not None and not kind.embedding
@@ -182,6 +187,11 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def _modules_to_save(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Module]]:
     entries = config.modules_to_save or []
     return [(n, m) for n, m in model.named_modules() if n and name_matches(n, entries)]
+
+
+def modules_to_save_names(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Full names of the modules ``config.modules_to_save`` selects (and their submodules)."""
+    return [name for name, _ in _modules_to_save(model, config)]
 
 
 def trains_bias(key: str, config: LoRAConfig, adapted_linears: set[str]) -> bool:

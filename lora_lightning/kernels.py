@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 #: one adapted linear's operands: ``(W (out, in), b (out,) or None, A (r, in), B (out, r), scale)``
-Terms = tuple[Tensor, Tensor | None, Tensor, Tensor, float]
+Terms = tuple[Tensor | Callable[[], Tensor], Tensor | None, Tensor, Tensor, float]
 _Out = TypeVar("_Out")
 
 
@@ -62,18 +62,23 @@ class LoRALinearFunction(torch.autograd.Function):
         xl2 = x2 if x_lora is None else x_lora.reshape(-1, in_features)
         A = lora_A.to(x.dtype)  # (r, in): casting the small factors, never the activations
         B = lora_B.to(x.dtype)  # (out, r)
-        out, xa = _adapted_linear(x2, xl2, weight, bias, A, B, scale)
+        # A quantized base passes a function that dequantizes its weight: called here and again
+        # in backward, so the dense weight is never kept between the two.
+        deferred = not isinstance(weight, Tensor)
+        dense = weight() if deferred else weight
+        out, xa = _adapted_linear(x2, xl2, dense, bias, A, B, scale)
 
-        need_x = weight.requires_grad or (x_lora is None and lora_A.requires_grad)
+        need_x = (not deferred and weight.requires_grad) or (x_lora is None and lora_A.requires_grad)
         need_xl = x_lora is not None and lora_A.requires_grad
         ctx.save_for_backward(
             x2 if need_x else None,
             xl2 if need_xl else None,
             xa,
-            weight,
+            None if deferred else weight,
             A,
             B,
         )
+        ctx.weight_fn = weight if deferred else None
         ctx.scale = scale
         ctx.has_x_lora = x_lora is not None
         ctx.factor_dtypes = (lora_A.dtype, lora_B.dtype)
@@ -83,6 +88,8 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x2, xl2, xa, weight, A, B = ctx.saved_tensors
+        if ctx.weight_fn is not None:
+            weight = ctx.weight_fn()
         scale: float = ctx.scale
         need_x, need_w, need_b, need_a, need_bb, _, need_xl = ctx.needs_input_grad
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
@@ -110,7 +117,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
 def lora_linear(
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | Callable[[], Tensor],
     bias: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
@@ -121,7 +128,9 @@ def lora_linear(
 
     Args:
         x: input, shape ``(*, in)``.
-        weight: base weight, shape ``(out, in)`` (a transposed view is fine), dtype of ``x``.
+        weight: base weight, shape ``(out, in)`` (a transposed view is fine), dtype of ``x``; or a
+            function returning it (a quantized base dequantizing its weight, in forward and again
+            in backward, never kept).
         bias: base bias ``(out,)`` or None.
         lora_A: ``(r, in)``, any float dtype (cast to ``x.dtype`` for the compute).
         lora_B: ``(out, r)``, any float dtype.
@@ -261,9 +270,15 @@ def _as_autocast_would(
     dtype = autocast_dtype(device_type)
     if dtype is None:
         return compute(x, members, x_lora)
-    cast = [(w.to(dtype), None if b is None else b.to(dtype), A, B, s) for w, b, A, B, s in members]
+    cast = [(_cast_weight(w, dtype), None if b is None else b.to(dtype), A, B, s) for w, b, A, B, s in members]
     with torch.autocast(device_type, enabled=False):
         return compute(x.to(dtype), cast, None if x_lora is None else x_lora.to(dtype))
+
+
+def _cast_weight(weight: Tensor | Callable[[], Tensor], dtype: torch.dtype) -> Tensor | Callable[[], Tensor]:
+    if isinstance(weight, Tensor):
+        return weight.to(dtype)
+    return lambda: weight().to(dtype)  # a deferred (dequantizing) weight stays deferred
 
 
 def fused_lora_linear(x: Tensor, terms: Terms, x_lora: Tensor | None = None) -> Tensor:

@@ -59,7 +59,9 @@ class LoRALayer(nn.Module):
         if kind is None:
             raise TypeError(f"{type(self).__name__} cannot wrap a {type(base_layer).__name__}")
         self.base_layer = base_layer
-        self.kind: BaseKind = kind
+        self._kind, self._kind_of = kind, type(base_layer)
+        kind.adopt(base_layer)
+        self._premerge_base: nn.Module | None = None  # a quantized base while a merge dequantized it
         self.variant = variant
         self.r = r
         self.alpha = alpha
@@ -79,6 +81,20 @@ class LoRALayer(nn.Module):
         INITS[init](self, init_std)
 
     @property
+    def kind(self) -> BaseKind:
+        """The :class:`BaseKind` of the current base layer (a plugin may swap it, a merge dequantizes it)."""
+        base = self.base_layer
+        if type(base) is not self._kind_of:
+            kind = base_kind(base)
+            if kind is None:
+                raise TypeError(
+                    f"{type(self).__name__}'s base layer became a {type(base).__name__}, which it cannot wrap"
+                )
+            kind.adopt(base)
+            self._kind, self._kind_of = kind, type(base)
+        return self._kind
+
+    @property
     def weight(self) -> Tensor:
         """The base layer's stored weight (read-only convenience for code that inspects ``layer.weight``)."""
         return self.kind.stored_weight(self.base_layer)
@@ -91,18 +107,51 @@ class LoRALayer(nn.Module):
         """The base weight as ``(out, in)``: a view for dense kinds, a dequantized copy otherwise."""
         return self.kind.dense_weight(self.base_layer)
 
-    def merge(self) -> None:
-        """Fold the update into the base weight (rounded once); a no-op when merged."""
+    @torch.no_grad()
+    def merge(self, measure: bool = False) -> tuple[float, float] | None:
+        """Fold the update into the base weight (summed in float32, rounded once); a no-op when merged.
+
+        A quantized base is dequantized into a plain ``nn.Linear`` first: the update is far below a
+        4-bit step, so requantizing would lose most of it. The sum is formed in float32 and
+        rounded once into the layer's compute dtype; the quantized layer is kept, and
+        :meth:`unmerge` puts it back exactly.
+
+        Args:
+            measure: also measure how much of the update the merged weight kept (a float64 copy
+                of this one layer, transient).
+
+        Returns:
+            With ``measure``: ``(||kept - update||^2, ||update||^2)``, ``kept`` being what the
+            weight actually changed by and ``update`` the exact one (rounding into a bf16 or
+            fp16 weight makes them differ); else None.
+        """
         if self.merged:
-            return
-        self.variant.merge(self)
+            return None
+        before = self.base_weight().double() if measure else None  # float64 holds any weight exactly
+        kind = self.kind
+        if kind.dense:
+            self.variant.merge(self)
+        else:
+            quantized = self.base_layer
+            self.base_layer = kind.dequantized(quantized, torch.float32)
+            self.variant.merge(self)
+            self.base_layer = self.base_layer.to(kind.compute_dtype(quantized))
+            self._premerge_base = quantized
         self.merged = True
+        if before is None:
+            return None
+        update = self.variant.exact_update(self, before)
+        kept = self.base_weight().double().sub_(before)
+        return float((kept - update).square().sum()), float(update.square().sum())
 
     def unmerge(self) -> None:
         """Undo :meth:`merge` (exact up to the rounding of W's dtype); a no-op when not merged."""
         if not self.merged:
             return
-        self.variant.unmerge(self)
+        if self._premerge_base is not None:  # the quantized layer as it was: exact
+            self.base_layer, self._premerge_base = self._premerge_base, None
+        else:
+            self.variant.unmerge(self)
         self.merged = False
 
     def forward(self, x: Tensor) -> Tensor:
@@ -168,9 +217,23 @@ class LoRALinear(LoRALayer):
         return super().forward(x)
 
     def lora_forward(self, x: Tensor) -> Tensor:
-        return fused_lora_linear(
-            x, (self.base_weight(), self.bias, self.lora_A, self.lora_B, self.scale), self._dropped(x)
-        )
+        kind, base, x_lora = self.kind, self.base_layer, self._dropped(x)
+        if kind.dense:
+            return fused_lora_linear(x, (self.base_weight(), self.bias, self.lora_A, self.lora_B, self.scale), x_lora)
+        dtype = kind.compute_dtype(base)
+        if kind.exact_by_dequantizing:
+            # 4-bit: bitsandbytes' own training forward dequantizes and runs a dense matmul in the
+            # compute dtype; so does the fused kernel, with a weight dequantized again in backward
+            # rather than kept (the dense weight never outlives the call).
+            bias = None if self.bias is None else self.bias.to(dtype)
+            terms = (lambda: kind.dense_weight(base).to(dtype), bias, self.lora_A, self.lora_B, self.scale)
+            x_lora = None if x_lora is None else x_lora.to(dtype)
+            return fused_lora_linear(x.to(dtype), terms, x_lora).to(x.dtype)  # type: ignore[arg-type]
+        # int8 (LLM.int8() quantizes activations too): the base's own forward, plus the adapter.
+        result = self.base_layer(x)
+        source = (x if x_lora is None else x_lora).to(dtype)
+        update = (source @ self.lora_A.to(dtype).t()) @ self.lora_B.to(dtype).t()
+        return result + (update * self.scale).to(result.dtype)
 
 
 class LoRAEmbedding(LoRALayer):

@@ -7,6 +7,9 @@ merged stays merged, so calling :func:`merge_lora` twice changes nothing.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+
 from torch import nn
 
 from lora_lightning.inject import _set_submodule, lora_layers, remove_lora_config
@@ -38,15 +41,74 @@ def _untie_adapted_weights(model: nn.Module) -> None:
             config.tie_word_embeddings = False
 
 
-def merge_lora(model: nn.Module) -> nn.Module:
+@dataclass
+class MergeFidelity:
+    """How much of each adapter's update a merge kept, filled in by :func:`merge_lora` /
+    :func:`merge_and_unload` when passed one.
+
+    Per layer the relative error ``||kept - s B A||_F / ||s B A||_F``, where ``kept`` is what the
+    stored weight actually changed by: rounding ``W + s B A`` into a bf16 or fp16 weight loses
+    part of a small update (a float32 weight, next to nothing). Layers whose update is zero are
+    not counted.
+    """
+
+    per_layer: dict[str, float] = field(default_factory=dict)
+    _error_sq: float = 0.0
+    _update_sq: float = 0.0
+
+    def add(self, name: str, figures: tuple[float, float] | None) -> None:
+        if figures is None or figures[1] == 0.0:
+            return
+        error_sq, update_sq = figures
+        self.per_layer[name] = math.sqrt(error_sq / update_sq)
+        self._error_sq += error_sq
+        self._update_sq += update_sq
+
+    @property
+    def overall(self) -> float:
+        """The relative error of all updates together (layers weighted by their update's size)."""
+        return math.sqrt(self._error_sq / self._update_sq) if self._update_sq else 0.0
+
+    @property
+    def worst(self) -> float:
+        return max(self.per_layer.values(), default=0.0)
+
+    def summary(self) -> dict[str, float | int]:
+        """``{"layers", "overall_rel_error", "max_rel_error", "mean_rel_error"}`` for logs and summaries."""
+        values = list(self.per_layer.values())
+        return {
+            "layers": len(values),
+            "overall_rel_error": self.overall,
+            "max_rel_error": self.worst,
+            "mean_rel_error": sum(values) / len(values) if values else 0.0,
+        }
+
+    def __str__(self) -> str:
+        return (
+            f"the merged weights hold the adapters' update to a relative error of {self.overall:.3g} "
+            f"({len(self.per_layer)} layers, worst {self.worst:.3g})"
+        )
+
+
+def merge_lora(model: nn.Module, fidelity: MergeFidelity | None = None) -> nn.Module:
     """Fold every adapter into its base weight; forward then runs the base layers only.
+
+    A quantized base layer is dequantized into a plain ``nn.Linear`` first (in its compute dtype),
+    and :func:`unmerge_lora` puts the quantized layer back exactly.
+
+    Args:
+        model: a model carrying adapters.
+        fidelity: filled with how much of each update the merged weights kept (costs a float64
+            copy of one layer at a time); None skips the measurement.
 
     Returns:
         The same model, for chaining.
     """
     _untie_adapted_weights(model)
-    for layer in lora_layers(model).values():
-        layer.merge()
+    for name, layer in lora_layers(model).items():
+        figures = layer.merge(measure=fidelity is not None)
+        if fidelity is not None:
+            fidelity.add(name, figures)
     return model
 
 
@@ -57,23 +119,29 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, fidelity: MergeFidelity | None = None) -> nn.Module:
     """Merge, then put the original base modules back in place of the LoRA layers.
 
     The result has the original model's module tree and ``state_dict`` keys, so its weights load
     ``strict=True`` into a freshly built base model. Parameters keep their ``requires_grad``
-    (base weights stay frozen; modules_to_save stay trainable).
+    (base weights stay frozen; modules_to_save stay trainable). An adapted quantized layer comes
+    back as a plain ``nn.Linear`` in its compute dtype holding ``W + s B A``.
+
+    Args:
+        model: a model carrying adapters.
+        fidelity: see :func:`merge_lora`.
 
     Returns:
         The same model object, modified in place (a LoRA layer passed as the root is replaced by
         its base layer, which is returned).
     """
     if is_lora_layer(model):
-        model.merge()
+        figures = model.merge(measure=fidelity is not None)
+        if fidelity is not None:
+            fidelity.add("", figures)
         return model.base_layer
-    _untie_adapted_weights(model)
+    merge_lora(model, fidelity)
     for name, layer in lora_layers(model).items():
-        layer.merge()
         _set_submodule(model, name, layer.base_layer)
     remove_lora_config(model)
     return model

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from lora_lightning.checkpoint import base_fingerprint, compare_fingerprints
 from lora_lightning.config import LoRAConfig
-from lora_lightning.inject import inject_lora, lora_layers
+from lora_lightning.inject import _set_submodule, inject_lora, lora_layers
 from lora_lightning.layers import adaptable_kind
 
 
@@ -38,12 +38,17 @@ def _stored_weights(model: nn.Module, names: Iterable[str]) -> list[tuple[str, T
     return found
 
 
-def snapshot_factors(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
-    """Copies of every adapter's factors (small), taken before they are merged."""
-    return {
-        name: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
-        for name, layer in lora_layers(model).items()
-    }
+Snapshot = dict[str, tuple[Tensor, Tensor, nn.Module | None]]
+
+
+def snapshot_factors(model: nn.Module) -> Snapshot:
+    """Copies of every adapter's factors (small), taken before they are merged, and each quantized
+    base layer itself: a merge dequantizes it, and only the original brings the exact base back."""
+    snapshot: Snapshot = {}
+    for name, layer in lora_layers(model).items():
+        quantized = None if layer.kind.dense else layer.base_layer
+        snapshot[name] = (layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), quantized)
+    return snapshot
 
 
 class MergedAdapters:
@@ -54,7 +59,7 @@ class MergedAdapters:
         factors: :func:`snapshot_factors` of it, taken before the merge.
     """
 
-    def __init__(self, model: nn.Module, factors: dict[str, tuple[Tensor, Tensor]]) -> None:
+    def __init__(self, model: nn.Module, factors: Snapshot) -> None:
         self.factors = factors
         self._module = weakref.ref(model)
         self._merged = base_fingerprint(_stored_weights(model, factors) or [])
@@ -73,12 +78,18 @@ class MergedAdapters:
         Returns:
             The names of the parameters restored by the unmerge (rounded in their own dtype).
         """
+        for name, (_, _, quantized) in self.factors.items():
+            if quantized is not None:
+                _set_submodule(model, name, quantized)  # the quantized layer as it was before the merge
         inject_lora(model, config, share_inputs=share_inputs)
         layers = lora_layers(model)
-        for name, (lora_A, lora_B) in self.factors.items():
+        restored = set()
+        for name, (lora_A, lora_B, quantized) in self.factors.items():
             layer = layers[name]
             layer.lora_A.copy_(lora_A)
             layer.lora_B.copy_(lora_B)
-            layer.merged = True
-            layer.unmerge()
-        return {name for name, _ in model.named_parameters() if ".base_layer." in f".{name}"}
+            if quantized is None:
+                layer.merged = True
+                layer.unmerge()
+                restored |= {f"{name}.base_layer.{leaf}" for leaf, _ in layer.base_layer.named_parameters()}
+        return restored

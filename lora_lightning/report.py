@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from lora_lightning.base import logical_numel
 from lora_lightning.config import LoRAConfig
 
 
@@ -106,11 +107,13 @@ class LoRAReport:
 def parameter_summary(model: nn.Module) -> ParameterSummary:
     """Trainable / total parameter counts; ``str()`` of it is PEFT's familiar line.
 
-    Tied parameters count once (``nn.Module.parameters`` deduplicates them), as in PEFT.
+    Tied parameters count once (``nn.Module.parameters`` deduplicates them), and a packed 4-bit
+    weight counts the parameters it stands for (two a byte), as in PEFT.
     """
     trainable = total = 0
     for param in model.parameters():
-        total += param.numel()
+        count = logical_numel(param)
+        total += count
         if param.requires_grad:
-            trainable += param.numel()
+            trainable += count
     return ParameterSummary(trainable=trainable, total=total)

@@ -116,6 +116,17 @@ class LoRAVariant:
         layer.kind.add_update(layer.base_layer, layer.lora_B, layer.lora_A, layer.scale)
 
     @torch.no_grad()
+    def merged_weight(self, layer: LoRALayer, weight: Tensor) -> Tensor:
+        """``weight + scale * B @ A`` for a float32 ``(out, in)`` ``weight``, summed in float32 (in place)."""
+        return weight.addmm_(layer.lora_B.float(), layer.lora_A.float(), alpha=layer.scale)
+
+    @torch.no_grad()
+    def exact_update(self, layer: LoRALayer, weight: Tensor) -> Tensor:
+        """What a merge should add to ``weight`` (``(out, in)``, float64), computed in float64."""
+        del weight
+        return layer.lora_B.double() @ layer.lora_A.double() * layer.scale
+
+    @torch.no_grad()
     def unmerge(self, layer: LoRALayer) -> None:
         layer.kind.add_update(layer.base_layer, layer.lora_B, layer.lora_A, -layer.scale)
 

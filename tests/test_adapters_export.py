@@ -72,7 +72,7 @@ def test_export_merged_in_place_leaves_a_plain_model(tmp_path, monkeypatch):
     assert not lora_layers(model) and not any(isinstance(m, (LoRALinear, LoRAEmbedding)) for m in model.modules())
     torch.testing.assert_close(_logits(model), expected, rtol=0, atol=ATOL)
     # exporting an already plain model (the callback merges first) makes no copy of it
-    import lora_lightning.adapters as adapters
+    import lora_lightning.export as export_module
 
     real_deepcopy = copy.deepcopy
 
@@ -80,7 +80,7 @@ def test_export_merged_in_place_leaves_a_plain_model(tmp_path, monkeypatch):
         assert not isinstance(obj, nn.Module), "a plain model was copied"
         return real_deepcopy(obj, *args, **kwargs)
 
-    monkeypatch.setattr(adapters.copy, "deepcopy", deepcopy)
+    monkeypatch.setattr(export_module.copy, "deepcopy", deepcopy)
     export_merged(model, tmp_path / "again")
     assert _files(tmp_path / "again") == _files(tmp_path / "m")
 

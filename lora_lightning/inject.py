@@ -169,6 +169,14 @@ def plan_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
     for entry in config.modules_to_save or ():
         if not any(name_matches(n, [entry]) for n in names):
             raise ValueError(f"modules_to_save entry {entry!r} matched no module in this model")
+    for name, module in _modules_to_save(model, config):
+        kind = adaptable_kind(module)
+        if kind is not None and not kind.dense:
+            raise ValueError(
+                f"modules_to_save includes {name!r} ({type(module).__name__}), a quantized layer; modules trained in "
+                "full must stay in full precision: keep it out of the quantization (llm_int8_skip_modules in "
+                "BitsAndBytesConfig) or drop it from modules_to_save"
+            )
     return by_name
 
 
@@ -304,6 +312,10 @@ def inject_lora(model: nn.Module, config: LoRAConfig, *, share_inputs: bool = Fa
         else:
             layer = LoRALinear(module, r, alpha, dropout=config.dropout, **options)
         _set_submodule(model, name, layer)
+    for module in model.modules():  # every quantized layer, adapted or not, keeps one weight layout
+        kind = adaptable_kind(module)
+        if kind is not None and not kind.dense and not is_lora_layer(module):
+            kind.adopt(module)
     setattr(model, _CONFIG_ATTR, config)
     mark_trainable(model, config)
     if share_inputs:

@@ -103,6 +103,8 @@ def pretrained(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     target_roles: Mapping[str, Any] | None = None,
+    quant: Mapping[str, Any] | None = None,
+    gradient_checkpointing: bool = False,
 ) -> LoadedModel:
     """Load any causal LM and its tokenizer with ``from_pretrained``.
 
@@ -116,14 +118,21 @@ def pretrained(
         target_roles: role -> module names for ``lora.targets``; read from the config by the job
             (:func:`resolve_targets`, before the model loads), accepted here because the model
             group's config carries it.
+        quant: the app's ``quant`` group (:mod:`lora_lightning.app.quant`): load the base in 4 or 8 bits.
+        gradient_checkpointing: recompute activations in backward (less memory, more time).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_lightning.app.quant import quantization_kwargs
 
     check_name_or_path(name_or_path)
     common: dict[str, Any] = {"revision": revision, "trust_remote_code": bool(trust_remote_code)}
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **common)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    extra.update(quantization_kwargs(quant, torch_dtype))
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **common, **_dtype_kwargs(torch_dtype), **extra)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tokenizer.pad_token is None:  # padding is never used for packed blocks, but generate() wants one
         tokenizer.pad_token = tokenizer.eos_token
     del target_roles
@@ -138,6 +147,7 @@ def tiny_pretrained(
     cache_dir: str,
     torch_dtype: str | None = "float32",
     target_roles: Mapping[str, Any] | None = None,
+    quant: Mapping[str, Any] | None = None,
 ) -> LoadedModel:
     """A tiny model with a base pretrained here on first use (see :mod:`lora_lightning.app.pretrain`).
 
@@ -147,7 +157,7 @@ def tiny_pretrained(
     from lora_lightning.app.pretrain import ensure_base
 
     path = ensure_base(name, _plain(architecture), _plain(tokenizer), _plain(pretrain), cache_dir)
-    return pretrained(str(path), name=name, torch_dtype=torch_dtype, target_roles=target_roles)
+    return pretrained(str(path), name=name, torch_dtype=torch_dtype, target_roles=target_roles, quant=quant)
 
 
 def _plain(node: Any) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -13,7 +14,9 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.text import Perplexity
 
-OPTIM_KEYS = ("lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio")
+OPTIM_KEYS = ("name", "lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio")
+# AdamW, or bitsandbytes' 8-bit AdamW (optimizer state in 8 bits), paged to host memory under pressure.
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 
 
 def check_optim(optim: Mapping[str, Any]) -> None:
@@ -21,6 +24,11 @@ def check_optim(optim: Mapping[str, Any]) -> None:
     unknown = sorted(set(optim) - set(OPTIM_KEYS))
     if unknown:
         raise ValueError(f"optim.{unknown[0]} is not an option; optim takes {', '.join(OPTIM_KEYS)} and lr_ratio_B")
+    name = optim.get("name", "adamw")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    if name != "adamw" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"optim.name={name} needs bitsandbytes: pip install 'lora-lightning[qlora]'")
     lr = optim.get("lr", 2e-3)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"optim.lr must be a positive number, got {lr!r}")
@@ -63,6 +71,7 @@ class CausalLMModule(L.LightningModule):
         betas: AdamW betas.
         warmup_steps: linear warmup steps.
         min_lr_ratio: the cosine ends at ``lr * min_lr_ratio``.
+        name: "adamw", or bitsandbytes' "adamw_8bit" / "paged_adamw_8bit" (8-bit optimizer state).
     """
 
     def __init__(
@@ -74,9 +83,11 @@ class CausalLMModule(L.LightningModule):
         betas: Iterable[float] = (0.9, 0.999),
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.1,
+        name: str = "adamw",
     ) -> None:
         super().__init__()
-        check_optim({"lr": lr, "min_lr_ratio": min_lr_ratio, "warmup_steps": warmup_steps})
+        check_optim({"name": name, "lr": lr, "min_lr_ratio": min_lr_ratio, "warmup_steps": warmup_steps})
+        self.optimizer_name = name
         self.model = model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
         self.tokenizer = tokenizer
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
@@ -108,7 +119,15 @@ class CausalLMModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+        if self.optimizer_name == "adamw":
+            optimizer_class: Any = torch.optim.AdamW
+        else:
+            import bitsandbytes as bnb
+
+            optimizer_class = (
+                bnb.optim.PagedAdamW8bit if self.optimizer_name.startswith("paged") else bnb.optim.AdamW8bit
+            )
+        optimizer = optimizer_class(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
         total = int(self.trainer.estimated_stepping_batches)
         schedule = LambdaLR(optimizer, warmup_cosine(self.warmup_steps, total, self.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

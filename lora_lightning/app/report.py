@@ -52,7 +52,13 @@ def print_recap(summary: dict[str, Any]) -> None:
         share = f"{counts['trainable']:,d} of {counts['total']:,d} params ({counts['trainable_percent']:.3f}%)"
         rows.append(("trainable", share))
     lora = summary["lora"]
-    rows.append(("lora", f"r={lora['r']} alpha={lora['alpha']} targets={summary['targets']}"))
+    quant = (summary.get("quant") or {}).get("method")
+    quantized = f" base={quant}" if quant else ""
+    rows.append(("lora", f"r={lora['r']} alpha={lora['alpha']} targets={summary['targets']}{quantized}"))
+    fidelity = summary.get("merge_fidelity")
+    if fidelity and fidelity.get("layers"):
+        kept = f"{fidelity['overall_rel_error']:.2g} (worst layer {fidelity['max_rel_error']:.2g})"
+        rows.append(("merge", f"the merged weights hold the update to a relative error of {kept}"))
     for label, key in (("adapter", "adapter"), ("merged model", "merged"), ("checkpoints", "checkpoints")):
         if summary["paths"].get(key):
             rows.append((label, summary["paths"][key]))

@@ -82,9 +82,12 @@ def log_results(logger: Logger | None, summary: dict[str, Any], adapter_dir: Pat
             "lora/trainable_params": counts.get("trainable"),
             "lora/total_params": counts.get("total"),
             "lora/trainable_percent": counts.get("trainable_percent"),
+            "lora/quant": (summary.get("quant") or {}).get("method") or "none",
         }
     )
     finals = {f"final/{key}": summary[key] for key in ("base_val_ppl", "val_ppl", "val_loss", "merged_val_ppl")}
+    fidelity = summary.get("merge_fidelity") or {}
+    finals["final/merge_overall_rel_error"] = fidelity.get("overall_rel_error")
     logger.log_metrics({key: value for key, value in finals.items() if value is not None})
     if isinstance(logger, WandbLogger):
         run = logger.experiment

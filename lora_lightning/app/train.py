@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from lora_lightning.app.errors import UsageError, job_started, user_errors
 from lora_lightning.app.models import LoadedModel, check_name_or_path, resolve_targets
 from lora_lightning.app.module import CausalLMModule, check_optim, evaluate_perplexity
+from lora_lightning.app.quant import check_quant
 from lora_lightning.app.report import CONFIG_FILE, SUMMARY_FILE, print_recap, write_atomic, write_summary
 from lora_lightning.app.tracking import build_logger, check_logger, finish, log_results, log_run_config
 from lora_lightning.callback import LoRACallback
@@ -40,6 +41,12 @@ def lora_config_from(cfg: DictConfig) -> LoRAConfig:
         return LoRAConfig(target_modules=target_modules, **fields)
     except (ValueError, TypeError) as err:
         raise UsageError(f"lora: {err}") from err
+
+
+def quant_fields(cfg: DictConfig) -> dict[str, Any] | None:
+    """``cfg.quant`` as a plain dict, None without a quantization method."""
+    quant = cfg.get("quant")
+    return dict(OmegaConf.to_container(quant, resolve=True)) if quant and quant.get("method") else None  # type: ignore[arg-type]
 
 
 def optim_fields(cfg: DictConfig) -> dict[str, Any]:
@@ -117,12 +124,13 @@ def _prepare(cfg: DictConfig, output_dir: Path) -> tuple[LoRAConfig, Any, Loaded
         # validates the ratio and the switch
         LoRACallback(lora_config, lr_ratio_B=optim_fields(cfg).get("lr_ratio_B", 1.0), share_inputs=cfg.share_inputs)
         check_logger(cfg.get("logger"))
+        check_quant(quant_fields(cfg))
         if cfg.model.get("name_or_path") is not None:
             check_name_or_path(cfg.model.name_or_path)
         datamodule = instantiate(cfg.data, _convert_="all")
         datamodule.source.check()
     with user_errors(output_dir):
-        loaded: LoadedModel = instantiate(cfg.model, _convert_="all")
+        loaded: LoadedModel = instantiate(cfg.model, quant=quant_fields(cfg), _convert_="all")
         plan_targets(loaded.model, lora_config)  # names that match nothing fail here, not mid-fit
         datamodule.tokenizer = loaded.tokenizer
         datamodule.setup("fit")
@@ -190,6 +198,8 @@ def run(cfg: DictConfig) -> float:
             "val_loss": after["val/loss"],
             "val_ppl": _metric(after, "val/ppl"),
             "merged_val_ppl": None,
+            "quant": quant_fields(cfg),
+            "merge_fidelity": lora.merge_fidelity.summary() if lora.merge_fidelity else None,
             "sample": None,
             "monitor": {cfg.monitor: after[cfg.monitor]},
             "paths": {

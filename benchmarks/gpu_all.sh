@@ -15,3 +15,14 @@ export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:T
 if [ -n "${OUT:-}" ]; then mkdir -p "$OUT"; fi
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,clocks.max.sm --format=csv || true
 python3 -W ignore benchmarks/step.py --size all-gpu --budget-s "${BUDGET_S:-270}" "$@"
+status=$?
+# QLoRA at the Llama-3-8B shape (1x2048 tokens, nf4 double quant, bf16 compute, gradient
+# checkpointing): ours against PEFT + bitsandbytes. The device has no bitsandbytes: carry its wheel
+# (see benchmarks/README.md: pip download into .whl/, run with carry [".whl"]).
+if ls .whl/bitsandbytes-*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && PYTHONPATH="/tmp/site:${PYTHONPATH:-}" python3 -W ignore benchmarks/qlora.py --size 8b --variants qlora,peft_qlora --steps 5
+else
+  echo "QLoRA rows skipped: no .whl/bitsandbytes-*.whl carried"
+fi
+exit $status

@@ -28,6 +28,7 @@ from lora_lightning import peft_format as pf
 from lora_lightning.config import LoRAConfig
 from lora_lightning.export import export_merged
 from lora_lightning.files import atomic_directory, check_destination, tensors_for_file
+from lora_lightning.inits import rewrites_base
 from lora_lightning.inject import (
     _CONFIG_ATTR,
     LoRAReport,
@@ -40,7 +41,7 @@ from lora_lightning.inject import (
     remove_lora_config,
     trains_bias,
 )
-from lora_lightning.layers import LoRALinear
+from lora_lightning.layers import LoRALinear, adaptable_kind
 from lora_lightning.load_plan import choose_config, plan_load, saved_modules, with_file_dtype
 
 # -- what belongs to the adapter ---------------------------------------------------------------------
@@ -88,19 +89,27 @@ def _name_or_path(model: nn.Module) -> str | None:
     return str(value) if value else None
 
 
-def _check_round_trip(root: nn.Module, data: dict[str, Any], layers: Mapping[str, Any]) -> None:
+def _check_round_trip(root: nn.Module, data: dict[str, Any], ranks: Mapping[str, tuple[int, float]]) -> None:
     """The written config must select exactly the adapted modules with their ranks and alphas."""
     config = pf.config_from_peft(data)
     selected = {name for name, _ in plan_targets(root, config)}
     wrong = sorted(
         name
-        for name in selected | set(layers)
-        if name not in selected
-        or name not in layers
-        or (config.rank_for(name), config.alpha_for(name)) != (layers[name].r, layers[name].alpha)
+        for name in selected | set(ranks)
+        if name not in selected or name not in ranks or (config.rank_for(name), config.alpha_for(name)) != ranks[name]
     )
     if wrong:
         raise ValueError(f"adapter layers disagree with their config at {wrong[:5]}; were layers replaced by hand?")
+
+
+def _for_original_base(tensors: dict[str, Tensor], layers: Mapping[str, Any]) -> dict[str, Tensor]:
+    """PiSSA / OLoRA factors as an update of the original base: ``[A; A0]`` and ``[B, -B0]`` (rank 2r)."""
+    out = dict(tensors)
+    for name, layer in layers.items():
+        A0, B0 = layer.lora_A_init, layer.lora_B_init
+        out[f"{name}.lora_A"] = torch.cat([tensors[f"{name}.lora_A"], A0.to(layer.lora_A.dtype)], dim=0)
+        out[f"{name}.lora_B"] = torch.cat([tensors[f"{name}.lora_B"], -B0.to(layer.lora_B.dtype)], dim=1)
+    return out
 
 
 def save_adapter(
@@ -129,8 +138,15 @@ def save_adapter(
     check_destination(target, (pf.CONFIG_NAME,))
     _, root, config = _adapted_root(model)
     layers = lora_layers(root)
+    state = _own_adapter_state(root, config)
+    ranks = {name: (layer.r, layer.alpha) for name, layer in layers.items()}
+    written = config
+    if rewrites_base(config.init_lora_weights):  # the base was rewritten: write for the original one
+        written, factor = pf.for_original_base(config), pf.alpha_factor(config)
+        state = _for_original_base(state, layers)
+        ranks = {name: (2 * r, alpha * factor) for name, (r, alpha) in ranks.items()}
     tensors = {}
-    for key, tensor in _own_adapter_state(root, config).items():
+    for key, tensor in state.items():
         layer = layers.get(key.rpartition(".")[0])
         roles = layer.variant.roles if layer is not None else ()
         tensors[pf.to_peft_key(key, roles, layer is not None and layer.kind.embedding)] = tensor
@@ -139,16 +155,21 @@ def save_adapter(
     if task_type is None:
         task_type = pf.detect_task_type(root, saved, (name for name, _ in root.named_modules()))
     data = pf.peft_config_dict(
-        config,
-        layers,
+        written,
+        ranks,
         saved,
         fan_in_fan_out=bool(linear) and all(layer.kind.transposed for layer in linear),
         task_type=task_type,
         base_model_name_or_path=base_model_name_or_path or _name_or_path(root),
     )
-    _check_round_trip(root, data, layers)
-    # PEFT ignores the metadata; we keep our own config there to restore fields PEFT lacks (freeze_A, ...).
-    metadata = {"format": "pt", pf.METADATA_CONFIG_KEY: json.dumps(config.to_dict(), sort_keys=True)}
+    if written is not config:  # recorded for readers; PEFT and vLLM load it as the plain LoRA it is
+        data["lora_lightning"] = {"trained_from_init": config.init_lora_weights, "update": "B A - B0 A0, rank 2r"}
+    _check_round_trip(root, data, ranks)
+    # PEFT ignores the metadata; we keep our own config there to restore fields PEFT lacks (freeze_A, ...),
+    # and, for PiSSA / OLoRA, the init the adapter was trained from (it loads as plain LoRA on the original base).
+    metadata = {"format": "pt", pf.METADATA_CONFIG_KEY: json.dumps(written.to_dict(), sort_keys=True)}
+    if written is not config:
+        metadata[pf.METADATA_TRAINED_FROM_KEY] = config.init_lora_weights
     with atomic_directory(target) as tmp:
         (tmp / pf.CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         safetensors.torch.save_file(tensors_for_file(tensors), tmp / pf.WEIGHTS_NAME, metadata=metadata)
@@ -231,6 +252,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, trainable: b
     state = model.state_dict(keep_vars=True)
     # Values we overwrite (biases, modules_to_save, a base embedding), kept on the CPU to spare device memory.
     backups = {state[key]: state[key].detach().to("cpu", copy=True) for key in plan.state}
+    if rewrites_base(config.init_lora_weights):  # PiSSA / OLoRA: the init rewrites each target's weight
+        for _, module in plan_targets(model, config):
+            weight = adaptable_kind(module).stored_weight(module)
+            backups[weight] = weight.detach().to("cpu", copy=True)
     try:
         inject_lora(model, config)
         layers = lora_layers(model)
@@ -246,9 +271,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, trainable: b
         _rollback(model, flags, backups)
         raise
     return lora_report(model, config)
-
-
-# -- merged export ------------------------------------------------------------------------------------
 
 
 __all__ = ["adapter_state_dict", "export_merged", "load_adapter", "save_adapter"]

@@ -117,6 +117,12 @@ class BaseKind:
             merged.addmm_(left.float(), right.float(), alpha=alpha)
             weight.copy_(merged)
 
+    @torch.no_grad()
+    def write_dense(self, module: nn.Module, weight: Tensor) -> None:
+        """Store an ``(out, in)`` weight (float32) into the layer, rounded once into its dtype."""
+        stored = self.stored_weight(module)
+        stored.copy_(weight.t() if self.transposed else weight)
+
 
 class Conv1DKind(BaseKind):
     """transformers' ``Conv1D`` (GPT-2): a linear whose weight is stored ``(in, out)``."""

@@ -45,7 +45,7 @@ from lora_lightning.files import ADAPTER_DIR, MERGED_DIR, check_export_destinati
 from lora_lightning.inject import LoRAReport, inject_lora, lora_layers, modules_to_save_names
 from lora_lightning.merge import MergeFidelity, merge_and_unload, merge_lora
 from lora_lightning.optim import restrict_optimizers
-from lora_lightning.remerge import MergedAdapters, snapshot_factors
+from lora_lightning.remerge import MergedAdapters, snapshot_merged
 from lora_lightning.wrapping import enable_input_grads_for_checkpointing, fsdp_root, install_wrappers, print_report
 
 CHECKPOINT_KEY = "lora_lightning"
@@ -89,6 +89,7 @@ class LoRACallback(pl.Callback):
         alpha: float | None = None,
         dropout: float | None = None,
         use_rslora: bool | None = None,
+        use_dora: bool | None = None,
         bias: Literal["none", "all", "lora_only"] | None = None,
         target_modules: list[str] | str | None = None,
         exclude_modules: list[str] | str | None = None,
@@ -97,7 +98,7 @@ class LoRACallback(pl.Callback):
         rank_pattern: dict[str, int] | None = None,
         alpha_pattern: dict[str, float] | None = None,
         modules_to_save: list[str] | None = None,
-        init_lora_weights: Literal["kaiming", "gaussian"] | None = None,
+        init_lora_weights: str | None = None,
         init_std: float | None = None,
         freeze_A: bool | None = None,
         adapter_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
@@ -343,10 +344,12 @@ class LoRACallback(pl.Callback):
         if writes and export_first:
             self.export_paths["merged"] = export_merged(target, merged_dir, tokenizer=tokenizer)
         if self.merge_on_fit_end:
-            factors = snapshot_factors(target)
             self.merge_fidelity = MergeFidelity()
-            (merge_and_unload if unload else merge_lora)(target, self.merge_fidelity)  # FSDP: unload at fit end
-            self._merged = MergedAdapters(target, factors)
+            merge_lora(target, self.merge_fidelity)
+            layers = snapshot_merged(target)
+            if unload:  # (under FSDP the plain layers go back at fit end)
+                merge_and_unload(target)
+            self._merged = MergedAdapters(target, layers)
             self._report_merge(trainer)
         if writes and not export_first:
             self.export_paths["merged"] = export_merged(target, merged_dir, tokenizer=tokenizer)
@@ -368,9 +371,9 @@ class LoRACallback(pl.Callback):
         # A validate/test that re-adapted a merged model to load a checkpoint leaves it merged again.
         if self._readapted_stage is not None and stage != "fit" and self.merge_on_fit_end:
             target = self._target(pl_module)
-            factors = snapshot_factors(target)
+            layers = snapshot_merged(merge_lora(target))
             merge_and_unload(target)
-            self._merged = MergedAdapters(target, factors)
+            self._merged = MergedAdapters(target, layers)
         self._readapted_stage = None
 
 

@@ -20,11 +20,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lora_lightning.inits import INIT_NAMES, is_init_name, rewrites_base
+
 ALL_LINEAR = "all-linear"
 BiasMode = Literal["none", "all", "lora_only"]
-InitMode = Literal["kaiming", "gaussian"]
 BIAS_MODES: tuple[str, ...] = ("none", "all", "lora_only")
-INIT_MODES: tuple[str, ...] = ("kaiming", "gaussian")
 ADAPTER_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 # Quantizations of a base (lora_lightning.quantized): nf4, nf4 with double-quantized scales, fp4, LLM.int8().
 QUANT_METHODS: tuple[str, ...] = ("nf4", "nf4-dq", "fp4", "int8")
@@ -140,6 +140,8 @@ class LoRAConfig:
     """Dropout on the adapter's input, active only in training mode; in [0, 1)."""
     use_rslora: bool = False
     """Rank-stabilised scale ``alpha / sqrt(r)`` (Kalajdzievski 2023) instead of ``alpha / r``."""
+    use_dora: bool = False
+    """DoRA (Liu et al. 2024): a trained magnitude per output over the direction of ``W + scale * B A``."""
     bias: BiasMode = "none"
     """Which biases train: none, all biases of the model, or the biases of adapted layers only."""
     target_modules: list[str] | str = ALL_LINEAR
@@ -156,8 +158,10 @@ class LoRAConfig:
     """Per-module alpha overrides: regex key -> alpha."""
     modules_to_save: list[str] | None = None
     """Modules trained in full beside the adapters (e.g. a new classification head)."""
-    init_lora_weights: InitMode = "kaiming"
-    """Init of A: kaiming-uniform (as nn.Linear and PEFT) or gaussian N(0, init_std). B is zero."""
+    init_lora_weights: str = "kaiming"
+    """Init: kaiming-uniform A (as nn.Linear and PEFT) or gaussian N(0, init_std) A, B zero; or "pissa"
+    (exact SVD), "pissa_niter_<n>" (randomised SVD, n subspace iterations), "olora" (QR): A and B
+    start from the base weight's principal part and the base becomes the residual."""
     init_std: float = 0.02
     """Standard deviation of A for ``init_lora_weights="gaussian"``."""
     freeze_A: bool = False
@@ -185,14 +189,22 @@ class LoRAConfig:
             p.type_error(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         elif not 0.0 <= self.dropout < 1.0:
             p.value_error(f"dropout must be in [0, 1), got {self.dropout}")
-        for flag in ("use_rslora", "freeze_A", "allow_unmatched_targets"):
+        for flag in ("use_rslora", "use_dora", "freeze_A", "allow_unmatched_targets"):
             if not isinstance(getattr(self, flag), bool):
                 p.type_error(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.bias not in BIAS_MODES:
             p.value_error(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {self.bias!r}")
-        if self.init_lora_weights not in INIT_MODES:
+        if not is_init_name(self.init_lora_weights):
+            p.value_error(f"init_lora_weights must be one of {INIT_NAMES}, got {self.init_lora_weights!r}")
+        elif self.use_dora is True and rewrites_base(self.init_lora_weights):
             p.value_error(
-                f"init_lora_weights must be one of {', '.join(map(repr, INIT_MODES))}, got {self.init_lora_weights!r}"
+                f"use_dora=True with init_lora_weights={self.init_lora_weights!r} is not supported: the adapter "
+                "saved for the original base (rank 2r, B A - B0 A0) has no DoRA form; pick one of the two"
+            )
+        if self.use_dora is True and _is_number(self.dropout) and self.dropout > 0:
+            p.value_error(
+                f"use_dora=True with dropout={self.dropout} is not supported: DoRA would rescale a second base "
+                "matmul over the dropped input in every layer; set dropout=0"
             )
         if not _is_number(self.init_std) or not self.init_std > 0:
             p.value_error(f"init_std must be a positive number, got {self.init_std!r}")

@@ -13,6 +13,7 @@ from torch import nn
 
 from lora_lightning import sharing
 from lora_lightning.config import LoRAConfig, layer_index, name_matches
+from lora_lightning.inits import rewrites_base
 from lora_lightning.layers import LoRAEmbedding, LoRALayer, LoRALinear, adaptable_kind, is_lora_layer
 from lora_lightning.report import AdaptedModule, LoRAReport, ParameterSummary, parameter_summary
 from lora_lightning.variants import variant_for
@@ -110,6 +111,24 @@ def _check_every_entry_matches(entries: list[str], candidates: list[tuple[str, n
     )
 
 
+def _check_base_rewrite(init: str, targets: list[tuple[str, nn.Module]]) -> None:
+    """PiSSA / OLoRA rewrite each target's weight: it must be a materialised, dense linear weight."""
+    for name, module in targets:
+        kind = adaptable_kind(module)
+        if kind.embedding:
+            problem = "is an embedding; these inits start a linear layer's factors from its weight (as PEFT's)"
+        elif not kind.dense:
+            problem = f"is quantized ({kind.name}); rewriting its weight into the residual would requantize it"
+        elif kind.is_meta(module):
+            problem = "has its weight on the meta device; load the base weights first"
+        else:
+            continue
+        raise ValueError(
+            f"init_lora_weights={init!r} cannot start module {name!r}: it {problem}; exclude it from "
+            "target_modules or use init_lora_weights='kaiming'"
+        )
+
+
 def plan_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Module]]:
     """The modules ``config`` selects in ``model``, validated; the model is not touched.
 
@@ -165,6 +184,8 @@ def plan_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
                 "frozen the adapter could never move; exclude embeddings or set freeze_A=False"
             )
 
+    if rewrites_base(config.init_lora_weights):
+        _check_base_rewrite(config.init_lora_weights, by_name)
     names = {n for n, _ in candidates}
     for entry in config.modules_to_save or ():
         if not any(name_matches(n, [entry]) for n in names):
@@ -259,7 +280,9 @@ def lora_report(model: nn.Module, config: LoRAConfig | None = None) -> LoRARepor
     return LoRAReport(config=config, modules=modules, modules_to_save=saved, params=parameter_summary(model))
 
 
-def inject_lora(model: nn.Module, config: LoRAConfig, *, share_inputs: bool = False) -> LoRAReport:
+def inject_lora(
+    model: nn.Module, config: LoRAConfig, *, share_inputs: bool = False, initialize: bool = True
+) -> LoRAReport:
     """Swap the selected modules for LoRA layers in place and freeze everything else.
 
     Works on the meta device (adapter factors are created where the base weight lives), so a
@@ -274,6 +297,9 @@ def inject_lora(model: nn.Module, config: LoRAConfig, *, share_inputs: bool = Fa
         share_inputs: compute adapted linears that read one tensor (q, k, v; gate, up) as one
             autograd node (:mod:`lora_lightning.sharing`); off by default: its gain is unmeasured
             on a GPU. ``lora_lightning.share_inputs(model, enabled)`` switches it later.
+        initialize: run the config's init (which, for PiSSA / OLoRA, rewrites the base into the
+            residual); False leaves zero factors and the base untouched, for a caller that loads
+            the factors (and the base) it had.
 
     Returns:
         A :class:`LoRAReport` of adapted modules and parameter counts.
@@ -300,7 +326,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, *, share_inputs: bool = Fa
         _check_base(name, module)
     options = {
         "use_rslora": config.use_rslora,
-        "init": config.init_lora_weights,
+        "init": config.init_lora_weights if initialize else None,
         "init_std": config.init_std,
         "dtype": getattr(torch, config.adapter_dtype) if config.adapter_dtype else None,
         "variant": variant_for(config),

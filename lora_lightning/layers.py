@@ -21,8 +21,9 @@ from torch.nn import functional as F
 
 from lora_lightning.base import BaseKind, base_kind
 from lora_lightning.config import lora_scale
+from lora_lightning.inits import init_function
 from lora_lightning.kernels import Terms, fused_lora_linear
-from lora_lightning.variants import INITS, PLAIN, LoRAVariant
+from lora_lightning.variants import PLAIN, LoRAVariant
 
 
 class LoRALayer(nn.Module):
@@ -33,7 +34,8 @@ class LoRALayer(nn.Module):
         r: rank.
         alpha: scale numerator.
         use_rslora: ``scale = alpha / sqrt(r)`` instead of ``alpha / r``.
-        init: a name in :data:`lora_lightning.variants.INITS` ("kaiming", "gaussian").
+        init: "kaiming", "gaussian", "pissa", "pissa_niter_<n>", "olora" (:mod:`lora_lightning.inits`);
+            None leaves zero factors and the base untouched, for a caller that loads the factors.
         init_std: standard deviation for the gaussian init.
         dtype: dtype of the factors; None = the dtype the base computes in.
         variant: what this layer computes beyond plain LoRA (default: plain LoRA).
@@ -49,7 +51,7 @@ class LoRALayer(nn.Module):
         alpha: float,
         *,
         use_rslora: bool = False,
-        init: str = "kaiming",
+        init: str | None = "kaiming",
         init_std: float = 0.02,
         dtype: torch.dtype | None = None,
         variant: LoRAVariant = PLAIN,
@@ -72,13 +74,22 @@ class LoRALayer(nn.Module):
         factory = {"device": kind.device(base_layer), "dtype": dtype or kind.compute_dtype(base_layer)}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
-        variant.create(self)
-        self.reset_lora_parameters(init, init_std)
+        if init is not None:
+            self.reset_lora_parameters(init, init_std)
+        else:  # the caller fills the factors (loading); nothing random, and the base stays as it is
+            nn.init.zeros_(self.lora_A)
+            nn.init.zeros_(self.lora_B)
+        variant.create(self)  # after the init: DoRA's magnitude is the norm of the weight it starts from
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: str = "kaiming", init_std: float = 0.02) -> None:
-        """Initialise the factors so that ``B A = 0``: the adapted layer starts as the base layer."""
-        INITS[init](self, init_std)
+        """Initialise the factors so that the adapted layer computes what the base layer did.
+
+        "kaiming" and "gaussian" make ``B A = 0``; "pissa", "pissa_niter_<n>" and "olora" start
+        from the base weight's principal part and rewrite the base into the residual
+        (:mod:`lora_lightning.inits`).
+        """
+        init_function(init)(self, init_std)
 
     @property
     def kind(self) -> BaseKind:
@@ -159,8 +170,8 @@ class LoRALayer(nn.Module):
             return self.base_layer(x)
         return self.variant.forward(self, x)
 
-    def lora_forward(self, x: Tensor) -> Tensor:
-        """Plain LoRA's output for ``x`` (the variant's forward builds on it or replaces it)."""
+    def lora_forward(self, x: Tensor, with_bias: bool = True) -> Tensor:
+        """Plain LoRA's output for ``x`` (the variant's forward builds on it), with or without the bias."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -216,21 +227,24 @@ class LoRALinear(LoRALayer):
         """This layer's output computed on its own (what a group falls back to)."""
         return super().forward(x)
 
-    def lora_forward(self, x: Tensor) -> Tensor:
+    def lora_forward(self, x: Tensor, with_bias: bool = True) -> Tensor:
         kind, base, x_lora = self.kind, self.base_layer, self._dropped(x)
+        bias = self.bias if with_bias else None
         if kind.dense:
-            return fused_lora_linear(x, (self.base_weight(), self.bias, self.lora_A, self.lora_B, self.scale), x_lora)
+            return fused_lora_linear(x, (self.base_weight(), bias, self.lora_A, self.lora_B, self.scale), x_lora)
         dtype = kind.compute_dtype(base)
         if kind.exact_by_dequantizing:
             # 4-bit: bitsandbytes' own training forward dequantizes and runs a dense matmul in the
             # compute dtype; so does the fused kernel, with a weight dequantized again in backward
             # rather than kept (the dense weight never outlives the call).
-            bias = None if self.bias is None else self.bias.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
             terms = (lambda: kind.dense_weight(base).to(dtype), bias, self.lora_A, self.lora_B, self.scale)
             x_lora = None if x_lora is None else x_lora.to(dtype)
             return fused_lora_linear(x.to(dtype), terms, x_lora).to(x.dtype)  # type: ignore[arg-type]
         # int8 (LLM.int8() quantizes activations too): the base's own forward, plus the adapter.
         result = self.base_layer(x)
+        if not with_bias and self.bias is not None:
+            result = result - self.bias.to(result.dtype)
         source = (x if x_lora is None else x_lora).to(dtype)
         update = (source @ self.lora_A.to(dtype).t()) @ self.lora_B.to(dtype).t()
         return result + (update * self.scale).to(result.dtype)
@@ -250,8 +264,8 @@ class LoRAEmbedding(LoRALayer):
         if not self.kind.embedding:
             raise TypeError(f"LoRAEmbedding wraps an nn.Embedding, got {type(base_layer).__name__}")
 
-    def lora_forward(self, x: Tensor) -> Tensor:
-        result = self.base_layer(x)
+    def lora_forward(self, x: Tensor, with_bias: bool = True) -> Tensor:
+        result = self.base_layer(x)  # (an embedding has no bias)
         base = self.base_layer
         after_A = F.embedding(
             x, self.lora_A.t(), base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse

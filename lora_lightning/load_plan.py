@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from lora_lightning import peft_format as pf
 from lora_lightning.config import ADAPTER_DTYPES, LoRAConfig
+from lora_lightning.inits import rewrites_base
 from lora_lightning.inject import _modules_to_save, plan_targets, trains_bias
 from lora_lightning.layers import adaptable_kind
 from lora_lightning.variants import TensorRole, roles_of
@@ -43,7 +44,8 @@ def saved_modules(root: nn.Module, config: LoRAConfig) -> list[str]:
 def resolution(model: nn.Module, config: LoRAConfig) -> tuple:
     """What a config does to a model: modules with rank and alpha, and everything else that trains."""
     targets = tuple((name, config.rank_for(name), config.alpha_for(name)) for name, _ in plan_targets(model, config))
-    return targets, config.use_rslora, config.bias, config.dropout, tuple(saved_modules(model, config))
+    variant = (config.use_dora, config.init_lora_weights if rewrites_base(config.init_lora_weights) else None)
+    return targets, config.use_rslora, config.bias, config.dropout, tuple(saved_modules(model, config)), variant
 
 
 def choose_config(model: nn.Module, data: dict[str, Any], metadata: dict[str, str], source: str) -> LoRAConfig:
@@ -102,7 +104,7 @@ def _check_lora_tensor(plan: LoadPlan, key: pf.FileKey, tensor: Tensor, targets:
     if target is None:
         plan.problems.append(f"unexpected key {key.file_key!r}: module {key.module!r} is not adapted by this config")
         return
-    if target.embedding != key.embedding:
+    if role.file_name(target.embedding) != role.file_name(key.embedding):
         named = role.file_name(target.embedding)
         stored = named.stem if named is not None else f"no {role.attr}"
         plan.problems.append(

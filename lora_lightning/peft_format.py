@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lora_lightning.config import LoRAConfig, name_matches
+from lora_lightning.inits import rewrites_base
 from lora_lightning.variants import ALL_ROLES, TensorRole
 
 CONFIG_NAME = "adapter_config.json"
@@ -28,6 +29,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 METADATA_CONFIG_KEY = "lora_lightning.config"
+METADATA_TRAINED_FROM_KEY = "lora_lightning.trained_from_init"  # PiSSA / OLoRA, written converted
 
 # PEFT fields we implement, with the default PEFT assumes when a (older) file lacks them.
 SUPPORTED_DEFAULTS: dict[str, Any] = {
@@ -44,11 +46,11 @@ SUPPORTED_DEFAULTS: dict[str, Any] = {
     "alpha_pattern": {},
     "modules_to_save": None,
     "init_lora_weights": True,
+    "use_dora": False,
 }
 # Fields that change the forward pass or the weight layout in ways we do not implement: any value
 # other than the default is refused, naming the field.
 UNSUPPORTED_DEFAULTS: dict[str, Any] = {
-    "use_dora": False,
     "use_qalora": False,
     "lora_bias": False,
     "target_parameters": None,
@@ -83,10 +85,12 @@ IGNORED_FIELDS = frozenset(
         "eva_config",
         "corda_config",
         "lora_ga_config",
+        "lora_lightning",  # our own record (a PiSSA / OLoRA adapter written for the original base)
     }
 )
 # init_lora_weights values that only shape the *initial* factors: irrelevant once weights are loaded.
 _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+# Those that also rewrite the base into a residual: loading runs them on the base (as PEFT does).
 # Heads PEFT adds to modules_to_save on its own for these task types.
 TASK_HEADS: dict[str, tuple[str, ...]] = {
     "SEQ_CLS": ("classifier", "score"),
@@ -124,10 +128,10 @@ def config_from_peft(data: Mapping[str, Any], source: str = CONFIG_NAME) -> LoRA
         if name in data and not _unset(data[name], default):
             problems.append(f"{name}={data[name]!r} is not supported (only {default!r})")
     init = data.get("init_lora_weights", True)
-    if init not in _PLAIN_INITS:
+    if init not in _PLAIN_INITS and not (isinstance(init, str) and rewrites_base(init)):
         problems.append(
-            f"init_lora_weights={init!r} is not supported: it changes the base weights (PiSSA, OLoRA, CorDA, LoftQ, "
-            "LoRA-GA) or the layer (MiCA); convert the adapter with PEFT's path_initial_model_for_weight_conversion"
+            f"init_lora_weights={init!r} is not supported: it changes the base weights (CorDA, LoftQ, LoRA-GA) or "
+            "the layer (MiCA); convert the adapter with PEFT's path_initial_model_for_weight_conversion"
         )
     known = set(SUPPORTED_DEFAULTS) | set(UNSUPPORTED_DEFAULTS) | IGNORED_FIELDS
     for name in sorted(set(data) - known):
@@ -139,6 +143,7 @@ def config_from_peft(data: Mapping[str, Any], source: str = CONFIG_NAME) -> LoRA
         raise ValueError(f"{source}: cannot load this LoRA adapter:\n  - " + "\n  - ".join(problems))
 
     value = {name: data.get(name, default) for name, default in SUPPORTED_DEFAULTS.items()}
+    plain_init = "gaussian" if init == "gaussian" else "kaiming"
     targets = value["target_modules"]
     layers = value["layers_to_transform"]
     if isinstance(targets, str) or layers in ([], None):
@@ -160,7 +165,8 @@ def config_from_peft(data: Mapping[str, Any], source: str = CONFIG_NAME) -> LoRA
             rank_pattern=value["rank_pattern"] or {},
             alpha_pattern=value["alpha_pattern"] or {},
             modules_to_save=value["modules_to_save"] or None,
-            init_lora_weights="gaussian" if init == "gaussian" else "kaiming",
+            init_lora_weights=init if isinstance(init, str) and rewrites_base(init) else plain_init,
+            use_dora=value["use_dora"],
             # PEFT lets entries that name no module pass; the file's tensors are checked one by one.
             allow_unmatched_targets=True,
         )
@@ -188,14 +194,14 @@ def drop_absent_task_heads(config: LoRAConfig, task_type: str | None, module_nam
 
 def peft_config_dict(
     config: LoRAConfig,
-    layers: Mapping[str, Any],
+    ranks: Mapping[str, tuple[int, float]],
     modules_to_save: list[str],
     *,
     fan_in_fan_out: bool,
     task_type: str | None,
     base_model_name_or_path: str | None,
 ) -> dict[str, Any]:
-    """The ``adapter_config.json`` content for adapted ``layers`` (full name -> LoRA layer).
+    """The ``adapter_config.json`` content for adapted modules (full name -> (r, alpha)).
 
     ``target_modules`` lists the full names of the adapted modules, so PEFT adapts exactly these (an
     entry equal to a module's full name matches it and only it); ranks and alphas that differ from
@@ -210,16 +216,38 @@ def peft_config_dict(
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
         "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora,
         "bias": config.bias,
-        "target_modules": sorted(layers),
-        "rank_pattern": {name: layer.r for name, layer in sorted(layers.items()) if layer.r != config.r},
-        "alpha_pattern": {name: layer.alpha for name, layer in sorted(layers.items()) if layer.alpha != config.alpha},
+        "target_modules": sorted(ranks),
+        "rank_pattern": {name: r for name, (r, _) in sorted(ranks.items()) if r != config.r},
+        "alpha_pattern": {name: alpha for name, (_, alpha) in sorted(ranks.items()) if alpha != config.alpha},
         "modules_to_save": modules_to_save or None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "fan_in_fan_out": fan_in_fan_out,
         "init_lora_weights": "gaussian" if config.init_lora_weights == "gaussian" else True,
     }
+
+
+def alpha_factor(config: LoRAConfig) -> float:
+    """How alpha grows when the rank doubles and the scale must stay (``alpha / r``; rsLoRA ``alpha / sqrt(r)``)."""
+    return 2**0.5 if config.use_rslora else 2.0
+
+
+def for_original_base(config: LoRAConfig) -> LoRAConfig:
+    """The config of the adapter a base-rewriting init (PiSSA, OLoRA) is written as: rank ``2r``,
+    the update ``B A - B0 A0`` on the *original* base, a plain init (PEFT's conversion)."""
+    factor = alpha_factor(config)
+    return LoRAConfig.from_dict(
+        {
+            **config.to_dict(),
+            "r": 2 * config.r,
+            "alpha": config.alpha * factor,
+            "rank_pattern": {key: 2 * value for key, value in config.rank_pattern.items()},
+            "alpha_pattern": {key: value * factor for key, value in config.alpha_pattern.items()},
+            "init_lora_weights": "kaiming",
+        }
+    )
 
 
 # -- tensor key names ------------------------------------------------------------------------------

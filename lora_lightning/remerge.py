@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -38,57 +39,69 @@ def _stored_weights(model: nn.Module, names: Iterable[str]) -> list[tuple[str, T
     return found
 
 
-Snapshot = dict[str, tuple[Tensor, Tensor, nn.Module | None]]
+@dataclass
+class _Layer:
+    """What unmerging one merged layer needs: its adapter tensors, the buffers its merge or init
+    left (PiSSA's starting factors, DoRA's unmerged norm), and a quantized base the merge replaced."""
+
+    tensors: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+    quantized: nn.Module | None
 
 
-def snapshot_factors(model: nn.Module) -> Snapshot:
-    """Copies of every adapter's factors (small), taken before they are merged, and each quantized
-    base layer itself: a merge dequantizes it, and only the original brings the exact base back."""
-    snapshot: Snapshot = {}
+def snapshot_merged(model: nn.Module) -> dict[str, _Layer]:
+    """Copies of every merged adapter layer's own tensors (small), taken after the merge, before the unload."""
+    snapshot = {}
     for name, layer in lora_layers(model).items():
-        quantized = None if layer.kind.dense else layer.base_layer
-        snapshot[name] = (layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), quantized)
+        tensors = {role.attr: getattr(layer, role.attr).detach().clone() for role in layer.variant.roles}
+        buffers = {key: value.detach().clone() for key, value in layer._buffers.items() if value is not None}
+        snapshot[name] = _Layer(tensors, buffers, layer._premerge_base)
     return snapshot
 
 
 class MergedAdapters:
-    """The factors a fit merged into ``model``, and how to tell the merged module again.
+    """The adapters a fit merged into ``model``, and how to tell the merged module again.
 
     Args:
         model: the adapted module, right after the adapters were merged into its weights.
-        factors: :func:`snapshot_factors` of it, taken before the merge.
+        layers: :func:`snapshot_merged` of it.
     """
 
-    def __init__(self, model: nn.Module, factors: Snapshot) -> None:
-        self.factors = factors
+    def __init__(self, model: nn.Module, layers: dict[str, _Layer]) -> None:
+        self.layers = layers
         self._module = weakref.ref(model)
-        self._merged = base_fingerprint(_stored_weights(model, factors) or [])
+        self._merged = base_fingerprint(_stored_weights(model, layers) or [])
 
     def matches(self, model: nn.Module) -> bool:
         """``model`` is the module merged, and its merged weights are as the merge left them."""
         if self._module() is not model:
             return False
-        weights = _stored_weights(model, self.factors)
+        weights = _stored_weights(model, self.layers)
         return weights is not None and not compare_fingerprints(self._merged, base_fingerprint(weights))
 
     @torch.no_grad()
     def restore(self, model: nn.Module, config: LoRAConfig, share_inputs: bool) -> set[str]:
         """Re-inject the adapters into the merged ``model`` and unmerge them: its base weights return.
 
+        The layers are created without their init (which, for PiSSA, would rewrite the merged
+        weights) and given the remembered tensors.
+
         Returns:
             The names of the parameters restored by the unmerge (rounded in their own dtype).
         """
-        for name, (_, _, quantized) in self.factors.items():
-            if quantized is not None:
-                _set_submodule(model, name, quantized)  # the quantized layer as it was before the merge
-        inject_lora(model, config, share_inputs=share_inputs)
+        for name, saved in self.layers.items():
+            if saved.quantized is not None:
+                _set_submodule(model, name, saved.quantized)  # the quantized layer as it was before the merge
+        inject_lora(model, config, share_inputs=share_inputs, initialize=False)
         layers = lora_layers(model)
         restored = set()
-        for name, (lora_A, lora_B, quantized) in self.factors.items():
+        for name, saved in self.layers.items():
             layer = layers[name]
-            layer.lora_A.copy_(lora_A)
-            layer.lora_B.copy_(lora_B)
-            if quantized is None:
+            for attr, tensor in saved.tensors.items():
+                getattr(layer, attr).copy_(tensor)
+            for key, tensor in saved.buffers.items():
+                layer.register_buffer(key, tensor, persistent=False)
+            if saved.quantized is None:
                 layer.merged = True
                 layer.unmerge()
                 restored |= {f"{name}.base_layer.{leaf}" for leaf, _ in layer.base_layer.named_parameters()}

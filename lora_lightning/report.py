@@ -88,7 +88,7 @@ class LoRAReport:
     def hparams(self) -> dict[str, Any]:
         """The config fields a logger records for a run (``lora/r``, ``lora/targets``, ...)."""
         config = self.config
-        fields = ("r", "alpha", "dropout", "use_rslora", "bias", "freeze_A")
+        fields = ("r", "alpha", "dropout", "use_rslora", "use_dora", "init_lora_weights", "bias", "freeze_A")
         return {
             **{f"lora/{name}": getattr(config, name) for name in fields},
             "lora/targets": str(config.target_modules),

@@ -8,19 +8,18 @@ Plain LoRA is the base class; a variant such as DoRA subclasses it and changes o
 The file format reads its tensor roles from :func:`roles_of`, so a variant's extra tensor is one
 :class:`TensorRole`, not a change in the key parser and the load planner.
 
-Initialisations of A and B (``INITS``) are separate from variants: an init such as PiSSA that also
-rewrites the base weight composes with any variant.
+Initialisations of A and B (:mod:`lora_lightning.inits`) are separate from variants: an init such
+as PiSSA that also rewrites the base weight is a function, not a variant.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
     from lora_lightning.config import LoRAConfig
@@ -66,32 +65,13 @@ LORA_A = TensorRole(
 LORA_B = TensorRole(
     "lora_B", lambda i, o, r: (o, r), FileName("lora_B", ".weight", ".weight"), FileName("lora_embedding_B")
 )
-
-
-# -- initialisations of A and B ------------------------------------------------------------------
-
-
-def _init_kaiming(layer: LoRALayer, std: float) -> None:
-    del std
-    if layer.kind.embedding:  # the lookup side starts at zero (loralib, PEFT), B is N(0, 1)
-        nn.init.zeros_(layer.lora_A)
-        nn.init.normal_(layer.lora_B)
-    else:  # nn.Linear's default and PEFT's: bound = 1 / sqrt(in_features); B starts at zero
-        nn.init.kaiming_uniform_(layer.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(layer.lora_B)
-
-
-def _init_gaussian(layer: LoRALayer, std: float) -> None:
-    if layer.kind.embedding:
-        nn.init.zeros_(layer.lora_A)
-        nn.init.normal_(layer.lora_B, std=std)
-    else:
-        nn.init.normal_(layer.lora_A, std=std)
-        nn.init.zeros_(layer.lora_B)
-
-
-#: init name -> function(layer, std) that sets the layer's factors so that ``B A = 0``.
-INITS: dict[str, Callable[[LoRALayer, float], None]] = {"kaiming": _init_kaiming, "gaussian": _init_gaussian}
+# DoRA's magnitude, one per output: PEFT saves "<m>.lora_magnitude_vector" (raw: ".default.weight").
+MAGNITUDE = TensorRole(
+    "lora_magnitude_vector",
+    lambda i, o, r: (o,),
+    FileName("lora_magnitude_vector", "", ".weight"),
+    FileName("lora_magnitude_vector", "", ".weight"),
+)
 
 
 # -- variants --------------------------------------------------------------------------------------
@@ -133,12 +113,15 @@ class LoRAVariant:
 
 PLAIN = LoRAVariant()
 #: every tensor role any variant defines: what a file's keys are parsed against
-ALL_ROLES: tuple[TensorRole, ...] = PLAIN.roles
+ALL_ROLES: tuple[TensorRole, ...] = (LORA_A, LORA_B, MAGNITUDE)
 
 
 def variant_for(config: LoRAConfig) -> LoRAVariant:
-    """The variant a config asks for."""
-    del config
+    """The variant a config asks for: DoRA with ``use_dora``, else plain LoRA."""
+    if config.use_dora:
+        from lora_lightning.dora import DORA
+
+        return DORA
     return PLAIN
 
 

@@ -27,6 +27,7 @@ def peft_config_for(config: LoRAConfig, adapted: nn.Module | None = None) -> Lor
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
         bias=config.bias,
         target_modules=targets,
         exclude_modules=config.exclude_modules,

@@ -1,0 +1,135 @@
+"""DoRA (Liu et al. 2024): weight-decomposed LoRA, as one variant a layer composes.
+
+``W' = m * (W + s B A) / ||W + s B A||_row``: the adapted weight's direction comes from ``W + s B A``,
+its per-output length from a trained magnitude ``m`` (initialised to ``||W + s B A||_row``, so the
+layer starts as the base). The norm is treated as a constant in backward (the paper's section 4.3,
+as PEFT does), so the output is
+
+    y = c * (x W^T + s (x A^T) B^T) + b,   c = m / ||W + s B A||_row (no gradient through the norm)
+
+The row norms never form ``W + s B A`` (PEFT forms it, in full, for every layer at every step):
+
+    ||W_i + s B_i A||^2 = ||W_i||^2 + 2 s B_i . (W A^T)_i + s^2 B_i (A A^T) B_i^T
+
+with ``||W||^2`` per row cached while the stored weight is unchanged, ``W A^T`` (out x r) one GEMM
+and ``A A^T`` (r x r): O(out * in * r) work and no full-size temporary. Embeddings follow PEFT:
+the same formula in the adapter's ``(out, in) = (dim, num_embeddings)`` layout.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from lora_lightning.variants import LORA_A, LORA_B, MAGNITUDE, LoRAVariant
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lora_lightning.layers import LoRALayer
+
+
+class _ScaleOutputs(torch.autograd.Function):
+    """``y = h * c + b`` over the last dimension, saving ``y`` (often saved by the next op anyway).
+
+    Backward needs ``h`` for ``dc``; it is recovered as ``(y - b) / c`` instead of being kept, so
+    DoRA adds at most one output-sized activation per layer to LoRA's (none where the consumer
+    keeps ``y``, as SiLU and the gate product do).
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, c: Tensor, b: Tensor | None) -> Tensor:  # type: ignore[override]
+        y = h * c if b is None else torch.addcmul(b, h, c)
+        recoverable = bool((c != 0).all())
+        ctx.save_for_backward(y if recoverable else h, c, b)
+        ctx.recoverable = recoverable
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        kept, c, b = ctx.saved_tensors
+        need_h, need_c, need_b = ctx.needs_input_grad
+        dh = dc = db = None
+        if need_h:
+            dh = g * c
+        if need_c:
+            h = kept if not ctx.recoverable else ((kept if b is None else kept - b) / c)
+            dc = (g * h).reshape(-1, g.shape[-1]).sum(0)
+        if need_b:
+            db = g.reshape(-1, g.shape[-1]).sum(0)
+        return dh, dc, db
+
+
+def _weight_row_sq(layer: LoRALayer) -> Tensor:
+    """``||W_i||^2`` per output row in float32, cached while the stored weight is unchanged."""
+    stored = layer.weight
+    key = (stored.data_ptr(), stored._version, tuple(stored.shape), stored.dtype)
+    cache = getattr(layer, "_dora_weight_sq", None)
+    if cache is None or cache[0] != key:
+        weight = layer.base_weight()
+        squares = torch.cat([rows.float().square().sum(1) for rows in weight.split(4096)])  # chunked: no full copy
+        cache = (key, squares)
+        object.__setattr__(layer, "_dora_weight_sq", cache)
+    return cache[1]
+
+
+@torch.no_grad()
+def weight_norm(layer: LoRALayer) -> Tensor:
+    """``||W + s B A||`` per output row, float32 ``(out,)``, without forming ``W + s B A``."""
+    weight = layer.base_weight()  # (out, in): a view, or a dequantized (transient) copy
+    A, B = layer.lora_A.float(), layer.lora_B.float()  # (r, in), (out, r)
+    wa = (weight @ layer.lora_A.to(weight.dtype).t()).float()  # (out, r)
+    s = layer.scale
+    cross = (B * wa).sum(1)  # B_i . (W A^T)_i
+    quad = ((B @ (A @ A.t())) * B).sum(1)  # B_i (A A^T) B_i^T
+    return (_weight_row_sq(layer) + 2 * s * cross + s * s * quad).clamp_min_(0).sqrt_()
+
+
+class DoRAVariant(LoRAVariant):
+    """DoRA on a linear (any kind, quantized included), a Conv1D or an embedding."""
+
+    name = "dora"
+    roles = (LORA_A, LORA_B, MAGNITUDE)
+    fusable = False  # the fused kernel and input grouping compute plain LoRA only
+
+    @torch.no_grad()
+    def create(self, layer: LoRALayer) -> None:
+        magnitude = weight_norm(layer).to(layer.lora_A.dtype)  # the layer starts as its base
+        layer.lora_magnitude_vector = nn.Parameter(magnitude)
+
+    def forward(self, layer: LoRALayer, x: Tensor) -> Tensor:
+        scale = layer.lora_magnitude_vector / weight_norm(layer)  # (out,): the norm carries no gradient
+        h = layer.lora_forward(x, with_bias=False)
+        bias = layer.bias
+        return _ScaleOutputs.apply(h, scale.to(h.dtype), None if bias is None else bias.to(h.dtype))
+
+    @torch.no_grad()
+    def merged_weight(self, layer: LoRALayer, weight: Tensor) -> Tensor:
+        norm = weight_norm(layer)
+        weight = super().merged_weight(layer, weight)  # W + s B A, float32
+        return weight.mul_((layer.lora_magnitude_vector.float() / norm)[:, None])
+
+    @torch.no_grad()
+    def exact_update(self, layer: LoRALayer, weight: Tensor) -> Tensor:
+        direction = weight + super().exact_update(layer, weight)
+        scale = layer.lora_magnitude_vector.double() / direction.norm(dim=1)
+        return direction * scale[:, None] - weight
+
+    @torch.no_grad()
+    def merge(self, layer: LoRALayer) -> None:
+        norm = weight_norm(layer)
+        layer.register_buffer("_dora_merge_norm", norm, persistent=False)  # unmerge needs the unmerged norm
+        merged = super().merged_weight(layer, layer.base_weight().to(torch.float32, copy=True))
+        layer.kind.write_dense(layer.base_layer, merged.mul_((layer.lora_magnitude_vector.float() / norm)[:, None]))
+
+    @torch.no_grad()
+    def unmerge(self, layer: LoRALayer) -> None:
+        norm = layer._dora_merge_norm
+        merged = layer.base_weight().to(torch.float32, copy=True)
+        weight = merged.div_((layer.lora_magnitude_vector.float() / norm)[:, None])
+        weight.addmm_(layer.lora_B.float(), layer.lora_A.float(), alpha=-layer.scale)
+        layer.kind.write_dense(layer.base_layer, weight)
+        del layer._dora_merge_norm
+
+
+DORA = DoRAVariant()

@@ -19,6 +19,8 @@ Variants (r=16, alpha=16 on q,k,v,o,gate,up,down):
     lora_grouped  lora-lightning with share_inputs=True: adapted linears that read one tensor (q/k/v,
                   gate/up) computed as one node (what the opt-in grouping buys, same run)
     lora_compile  lora-lightning with each decoder layer torch.compile'd (regional compilation)
+    dora          lora-lightning with use_dora=True (row norms from W A^T and A A^T, W + s B A never formed)
+    peft_dora     HF PEFT with use_dora=True at its defaults
     floor         every weight frozen, input embeddings require grad: backward through every layer,
                   no weight gradient, no optimizer. No LoRA step can be faster.
 """
@@ -41,9 +43,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import shapes
 from shapes import GIB, MIB, RANK, SIZES, TARGETS, Shape
 
-VARIANTS = ("full", "peft", "lora", "lora_fp32", "lora_fa", "lora_grouped", "lora_compile", "floor")
+VARIANTS = (
+    "full",
+    "peft",
+    "lora",
+    "lora_fp32",
+    "lora_fa",
+    "lora_grouped",
+    "lora_compile",
+    "dora",
+    "peft_dora",
+    "floor",
+)
 # The floor first (every ratio divides by it), the slow-to-compile variant last.
-RUN_ORDER = ("floor", "full", "peft", "lora", "lora_fp32", "lora_fa", "lora_grouped", "lora_compile")
+RUN_ORDER = (
+    "floor",
+    "full",
+    "peft",
+    "lora",
+    "lora_fp32",
+    "lora_fa",
+    "lora_grouped",
+    "dora",
+    "peft_dora",
+    "lora_compile",
+)
 
 
 def prepare(variant: str, model: nn.Module) -> nn.Module:
@@ -54,10 +78,11 @@ def prepare(variant: str, model: nn.Module) -> nn.Module:
         model.requires_grad_(False)
         model.enable_input_require_grads()  # embedding output requires grad: backward runs through all layers
         return model
-    if variant == "peft":
+    if variant in ("peft", "peft_dora"):
         from peft import LoraConfig, get_peft_model
 
-        return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS))
+        config = LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS, use_dora=variant == "peft_dora")
+        return get_peft_model(model, config)
     from lora_lightning import LoRAConfig, inject_lora
 
     config = LoRAConfig(
@@ -66,6 +91,7 @@ def prepare(variant: str, model: nn.Module) -> nn.Module:
         target_modules=TARGETS,
         adapter_dtype="float32" if variant == "lora_fp32" else None,
         freeze_A=variant == "lora_fa",
+        use_dora=variant == "dora",
     )
     inject_lora(model, config, share_inputs=variant == "lora_grouped")
     if variant == "lora_compile":

@@ -38,9 +38,17 @@ def target_lines(rows: list[dict], shape: Shape, cuda: bool) -> list[str]:
     if not cuda:
         if (r := ratio("lora", "peft")) is not None:
             check("lora step / peft step", r, 1.0)
+        if (r := ratio("dora", "lora")) is not None:
+            check("dora step / lora step", r, 1.10)
+        if (r := ratio("dora", "peft_dora")) is not None:
+            check("dora step / peft_dora step", r, 0.85)
+        if (r := ratio("dora", "lora", "peak_bytes")) is not None:
+            check("dora peak / lora peak", r, 1.05)
     else:
         if (r := ratio("lora", "floor")) is not None:
             check("lora step / floor step", r, 1.10)
+        if (r := ratio("dora", "peft_dora")) is not None:
+            check("dora step / peft_dora step (1.1B shape)", r, 0.7)
         if (r := ratio("lora_fp32", "lora")) is not None:
             check("lora_fp32 step / lora step (float32 adapters cost nothing)", r, 1.03)
         if "lora" in by and "floor" in by:

@@ -41,7 +41,19 @@ def bnb() -> Any:
         ) from err
 
 
-class Linear4bitKind(BaseKind):
+class _QuantizedKind(BaseKind):
+    """What the bitsandbytes layers share: not dense, sized by their own in/out features."""
+
+    dense = False
+
+    def claims(self, module: nn.Module) -> bool:
+        return isinstance(module, getattr(bnb().nn, self.name))
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+
+class Linear4bitKind(_QuantizedKind):
     """``bnb.nn.Linear4bit``: weight packed two 4-bit codes a byte, dequantized per block.
 
     Its own forward (bitsandbytes' ``matmul_4bit`` in training) dequantizes the weight and runs a
@@ -51,14 +63,7 @@ class Linear4bitKind(BaseKind):
     """
 
     name = "Linear4bit"
-    dense = False
     exact_by_dequantizing = True
-
-    def claims(self, module: nn.Module) -> bool:
-        return isinstance(module, bnb().nn.Linear4bit)
-
-    def features(self, module: nn.Module) -> tuple[int, int]:
-        return module.in_features, module.out_features
 
     def compute_dtype(self, module: nn.Module) -> torch.dtype:
         # None until bitsandbytes sees an input; then it computes in the input's dtype (float32 here).
@@ -85,7 +90,7 @@ class Linear4bitKind(BaseKind):
         return bnb().functional.dequantize_4bit(weight.data, weight.quant_state)
 
 
-class Linear8bitKind(BaseKind):
+class Linear8bitKind(_QuantizedKind):
     """``bnb.nn.Linear8bitLt`` (LLM.int8()): int8 rows with a float scale each.
 
     Its forward quantizes activations too (with fp16 outlier columns), so ``x dequant(W)^T`` is not
@@ -93,14 +98,7 @@ class Linear8bitKind(BaseKind):
     """
 
     name = "Linear8bitLt"
-    dense = False
     exact_by_dequantizing = False
-
-    def claims(self, module: nn.Module) -> bool:
-        return isinstance(module, bnb().nn.Linear8bitLt)
-
-    def features(self, module: nn.Module) -> tuple[int, int]:
-        return module.in_features, module.out_features
 
     def compute_dtype(self, module: nn.Module) -> torch.dtype:
         bias = getattr(module, "bias", None)

@@ -28,7 +28,7 @@ from lora_lightning.merge import MergeFidelity, merge_and_unload, merge_lora, un
 from lora_lightning.quantized import quantize_model
 from tests.lightning_modules import CausalLM, token_data
 from tests.models import tiny_gpt2, tiny_llama, token_ids
-from tests.peft_reference import peft_twin
+from tests.peft_reference import peft_config_for, peft_twin
 
 bnb = pytest.importorskip("bitsandbytes")
 ROOT = Path(__file__).resolve().parents[1]
@@ -374,3 +374,24 @@ def test_lightning_bitsandbytes_precision_plugin_with_the_callback(tmp_path):
     assert probe.kinds == {"Linear4bit"}
     assert module.losses[-1] < module.losses[0]
     assert parameter_summary(module).trainable == 0  # merged and unloaded: nothing left to train
+
+
+def test_dora_on_a_4bit_base_equals_peft(dense_dir):
+    """DoRA's row norms dequantize the weight (transiently): outputs equal PEFT's DoRA on the same base."""
+    config = LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
+    ours = load_quantized(dense_dir, "nf4-dq")
+    inject_lora(ours, config)
+    with torch.no_grad():
+        for layer in lora_layers(ours).values():
+            layer.lora_B.normal_(std=0.05)
+            layer.lora_magnitude_vector.mul_(1.1)
+    theirs = get_peft_model(load_quantized(dense_dir, "nf4-dq"), peft_config_for(config))
+    peft_layers = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules() if hasattr(m, "lora_A")}
+    with torch.no_grad():
+        for name, layer in lora_layers(ours).items():
+            twin = peft_layers[name]
+            twin.lora_A["default"].weight.copy_(layer.lora_A)
+            twin.lora_B["default"].weight.copy_(layer.lora_B)
+            twin.lora_magnitude_vector["default"].weight.copy_(layer.lora_magnitude_vector)
+        ids = token_ids()
+        assert _rel(ours(input_ids=ids).logits, theirs(input_ids=ids).logits) <= 1e-5

@@ -78,11 +78,11 @@ def weight_norm(layer: LoRALayer) -> Tensor:
     """``||W + s B A||`` per output row, float32 ``(out,)``, without forming ``W + s B A``."""
     weight = layer.base_weight()  # (out, in): a view, or a dequantized (transient) copy
     A, B = layer.lora_A.float(), layer.lora_B.float()  # (r, in), (out, r)
-    wa = (weight @ layer.lora_A.to(weight.dtype).t()).float()  # (out, r)
+    wa = (weight @ layer.lora_A.to(weight.dtype).t()).float()  # W A^T, (out, r)
     s = layer.scale
-    cross = (B * wa).sum(1)  # B_i . (W A^T)_i
-    quad = ((B @ (A @ A.t())) * B).sum(1)  # B_i (A A^T) B_i^T
-    return (_weight_row_sq(layer) + 2 * s * cross + s * s * quad).clamp_min_(0).sqrt_()
+    # ||W_i||^2 + B_i . (2 s (W A^T)_i + s^2 (B (A A^T))_i): one addmm, one row-wise dot
+    terms = torch.addmm(wa, B, A @ A.t(), beta=2 * s, alpha=s * s)  # (out, r)
+    return (_weight_row_sq(layer) + torch.linalg.vecdot(B, terms)).clamp_min_(0).sqrt_()
 
 
 class DoRAVariant(LoRAVariant):

@@ -81,6 +81,20 @@ def check_name_or_path(name_or_path: Any) -> None:
         )
 
 
+def max_positions(model: Any) -> int | None:
+    """The longest sequence a model takes (``max_position_embeddings``, GPT-2's ``n_positions``), if it says."""
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return positions if isinstance(positions, int) else None
+
+
+def check_fits_positions(model: Any, length: int, field: str) -> None:
+    """Refuse sequences longer than the model's positions."""
+    positions = max_positions(model)
+    if positions is not None and length > positions:
+        raise UsageError(f"{field}={length} exceeds the model's {positions} positions; use at most {positions}")
+
+
 def _dtype_kwargs(torch_dtype: str | None) -> dict[str, Any]:
     if torch_dtype is None:
         return {}

@@ -158,10 +158,15 @@ def tiny_pretrained(
     The arguments describe the base (they form its cache key); the base is then loaded through
     :func:`pretrained` from its cache directory, exactly as a hub model would be.
     """
+    from lora_lightning.app.chat import ensure_chat_template
     from lora_lightning.app.pretrain import ensure_base
 
     path = ensure_base(name, _plain(architecture), _plain(tokenizer), _plain(pretrain), cache_dir)
-    return pretrained(str(path), name=name, torch_dtype=torch_dtype, target_roles=target_roles)
+    loaded = pretrained(str(path), name=name, torch_dtype=torch_dtype, target_roles=target_roles)
+    # Set here, not in the build, so the cached bases (keyed by their build recipe) stay valid; it is
+    # saved with every merged/ export, so the fine-tuned model is prompted as it was trained.
+    ensure_chat_template(loaded.tokenizer)
+    return loaded
 
 
 def _plain(node: Any) -> dict[str, Any]:

@@ -11,13 +11,14 @@ import hashlib
 import json
 import os
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from lora_lightning.app.errors import UsageError
 
 Split = Literal["train", "val"]
+T = TypeVar("T")
 _BUCKETS = 10_000
 
 
@@ -140,6 +141,46 @@ def expand_patterns(patterns: Sequence[str] | str | None, field: str) -> list[Pa
     return files
 
 
+class LocalFiles:
+    """The train and val files of a local source, and which of their items each split gets.
+
+    Args:
+        train: files or glob patterns for training.
+        val: files or patterns for validation; None holds out ``val_fraction`` of the train items.
+        val_fraction: share of the train files' items held out when ``val`` is None.
+        kinds: the file kinds the source reads, for the message when ``train`` is empty.
+    """
+
+    def __init__(
+        self, train: Sequence[str] | str, val: Sequence[str] | str | None, val_fraction: float, kinds: str
+    ) -> None:
+        check_fraction(val_fraction, "data.source.val_fraction")
+        self.train = expand_patterns(train, "data.source.train")
+        self.val = expand_patterns(val, "data.source.val")
+        self.val_fraction = val_fraction
+        if not self.train:
+            raise UsageError(f"data.source.train is empty: give at least one {kinds} file")
+
+    @property
+    def all(self) -> list[Path]:
+        return [*self.train, *self.val]
+
+    def items(self, split: Split, read: Callable[[Path], Iterable[T]]) -> Iterator[T]:
+        """The split's items (``read`` yields a file's): the val files' when there are any, else the
+        train files' items held out by :func:`split_of_item`."""
+        if self.val:
+            for path in self.train if split == "train" else self.val:
+                yield from read(path)
+            return
+        for path in self.train:
+            for index, item in enumerate(read(path)):
+                if split_of_item(path, index, self.val_fraction) == split:
+                    yield item
+
+    def __repr__(self) -> str:
+        return f"{len(self.train)} train, {len(self.val)} val"
+
+
 class TextFiles:
     """Local ``.txt`` files (one document each) and ``.jsonl`` files (one document per line).
 
@@ -157,17 +198,12 @@ class TextFiles:
         val_fraction: float = 0.1,
         text_field: str = "text",
     ) -> None:
-        check_fraction(val_fraction, "data.source.val_fraction")
-        self.train = expand_patterns(train, "data.source.train")
-        self.val = expand_patterns(val, "data.source.val")
-        self.val_fraction = val_fraction
+        self.files = LocalFiles(train, val, val_fraction, ".txt or .jsonl")
         self.text_field = text_field
-        if not self.train:
-            raise UsageError("data.source.train is empty: give at least one .txt or .jsonl file")
 
     def check(self) -> None:
         """Every file exists, is readable UTF-8, and (for .jsonl) holds the text field."""
-        for path in [*self.train, *self.val]:
+        for path in self.files.all:
             if path.suffix not in {".txt", ".jsonl"}:
                 raise UsageError(f"data file {str(path)!r}: only .txt and .jsonl are supported")
             try:
@@ -197,17 +233,10 @@ class TextFiles:
                 yield text
 
     def documents(self, split: Split) -> Iterator[str]:
-        if self.val:
-            for path in self.train if split == "train" else self.val:
-                yield from self._read(path)
-            return
-        for path in self.train:
-            for index, text in enumerate(self._read(path)):
-                if split_of_item(path, index, self.val_fraction) == split:
-                    yield text
+        return self.files.items(split, self._read)
 
     def __repr__(self) -> str:
-        return f"text files ({len(self.train)} train, {len(self.val)} val)"
+        return f"text files ({self.files!r})"
 
 
 def require_datasets(option: str) -> None:

@@ -18,6 +18,7 @@ from lora_lightning.app.records import Example
 from lora_lightning.app.report import console
 
 COLUMNS = ("prompt", "reference", "base", "tuned")
+_LABEL = len("merged, reloaded")  # the recap's label column (report.print_recap), so the lines align
 
 
 def _device() -> str:
@@ -112,7 +113,7 @@ def print_answers(rows: list[dict[str, Any]] | None, data: dict[str, Any] | None
     out = console()
     for split, counts in (data or {}).get("counts", {}).items():
         out.print(
-            f"  [bold]{split} examples[/bold]  {counts['used']} used of {counts['read']} "
+            f"  [bold]{(split + ' examples').ljust(_LABEL)}[/bold]  {counts['used']} used of {counts['read']} "
             f"({counts['truncated']} truncated, {counts['dropped']} dropped, "
             f"{counts['prompt_too_long']} with a prompt over max_length={data['max_length']})",  # type: ignore[index]
             soft_wrap=True,

@@ -21,11 +21,11 @@ from lora_lightning.app.models import ROLES, LoadedModel
 from lora_lightning.app.tracking import build_logger
 from lora_lightning.app.train import lora_config_from
 from lora_lightning.inject import plan_targets
-from tests.app_support import TINY_GPT2, TINY_LLAMA
+from tests.app_support import REPO, TINY_GPT2, TINY_LLAMA
 from tests.reference import scale_of
 
 CONF = config_dir()
-GROUPS = ("model", "rank", "targets", "data", "trainer", "logger", "experiment")
+GROUPS = ("model", "rank", "targets", "quant", "data", "trainer", "logger", "experiment")
 LAUNCHERS = ("basic", "joblib", "submitit_slurm")
 SHRINK = {"tiny_llama": TINY_LLAMA, "tiny_gpt2": TINY_GPT2[1:]}
 
@@ -63,9 +63,18 @@ def test_the_config_dir_is_the_checkout_or_the_package() -> None:
     assert options("model") == ["hf", "tiny_gpt2", "tiny_llama"]
     assert options("rank") == ["r16", "r32", "r4", "r64", "r8"]
     assert options("targets") == sorted(ROLES)
-    assert options("data") == ["hf_dataset", "pydoc", "stdlib_code", "text_files"]
+    assert options("data") == [
+        "hf_dataset",
+        "hf_sft",
+        "pydoc",
+        "sft_jsonl",
+        "stdlib_code",
+        "stdlib_docstrings",
+        "text_files",
+    ]
     assert options("trainer") == ["cpu", "ddp", "default", "fsdp", "gpu"]
     assert options("logger") == ["csv", "none", "wandb"]
+    assert options("quant") == ["fp4", "int8", "nf4", "nf4_dq", "none"]
 
 
 @pytest.mark.parametrize("name", options("model"))
@@ -88,6 +97,22 @@ def test_model_options_instantiate_and_map_every_role(
         counts[role] = len(planned)
     assert counts["qv"] <= counts["attention"] < counts["all_linear"]
     assert counts["mlp"] < counts["all_linear"]
+
+
+@pytest.mark.parametrize("name", options("quant"))
+def test_quant_options_load_the_tiny_base_as_bitsandbytes_would(
+    name: str, cache_dir: Path, llama: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LORA_LIGHTNING_CACHE", str(cache_dir))
+    cfg = _compose([f"quant={name}", *TINY_LLAMA])
+    quant = OmegaConf.to_container(cfg.quant) if cfg.quant.method else None
+    loaded = instantiate(cfg.model, quant=quant, _convert_="all")
+    layer = loaded.model.model.layers[0].self_attn.q_proj
+    want = {"none": "Linear", "int8": "Linear8bitLt"}.get(name, "Linear4bit")
+    assert type(layer).__name__ == want and type(loaded.model.lm_head).__name__ == "Linear"
+    if want == "Linear4bit":
+        state = layer.weight.quant_state
+        assert state.quant_type == ("fp4" if name == "fp4" else "nf4") and bool(state.nested) == (name == "nf4_dq")
 
 
 @pytest.mark.parametrize("name", options("rank"))
@@ -113,14 +138,37 @@ def test_data_options_instantiate_and_batch(name: str, llama: LoadedModel, tmp_p
             f"data.source.data_files={tmp_path / 'corpus.txt'}",
             "data.source.val_split=null",
         ]
-    cfg = _compose([f"data={name}", "data.block_size=32", "data.batch_size=2", *extra])
+    if name == "sft_jsonl":  # the README's example file (test_app_sft reads the chat one)
+        extra = [f"data.source.train=[{REPO}/examples/sft_records.jsonl]", "data.source.val_fraction=0.2"]
+    if name == "hf_sft":
+        (tmp_path / "qa.jsonl").write_text("".join(f'{{"q": "{i} + 1?", "a": "{i + 1}"}}\n' for i in range(40)))
+        extra = [
+            "data.source.path=json",
+            f"data.source.data_files={tmp_path / 'qa.jsonl'}",
+            "data.source.val_split=null",
+        ]
+        extra += ["data.source.fields={prompt: q, response: a}"]
+    if name == "stdlib_docstrings":
+        extra = ["data.max_train_examples=40", "data.source.max_code_chars=120"]
+    supervised = name in ("sft_jsonl", "hf_sft", "stdlib_docstrings")
+    size = ["data.max_length=128"] if supervised else ["data.block_size=32"]
+    cfg = _compose([f"data={name}", *size, "data.batch_size=2", *extra])
     data = instantiate(cfg.data, tokenizer=llama.tokenizer, _convert_="all")
-    if name == "hf_dataset" and importlib.util.find_spec("datasets") is None:
+    if name in ("hf_dataset", "hf_sft") and importlib.util.find_spec("datasets") is None:
         with pytest.raises(UsageError, match=r"pip install 'lora-lightning\[datasets\]'"):
             data.source.check()
         return
+    data.source.check()
     data.setup("fit")
+    data.check_validation()
     batch = next(iter(data.train_dataloader()))
+    if supervised:  # padded to the longest example, loss on responses only
+        assert batch["input_ids"].shape[0] == 2 and batch["input_ids"].shape[1] <= 128
+        mask = "position_ids" if data.packing else "attention_mask"  # packed rows: positions restart per example
+        assert batch[mask].shape == batch["input_ids"].shape
+        assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()
+        assert data.summary()["counts"]["train"]["used"] > 0
+        return
     assert batch["input_ids"].shape == (2, 32) and torch.equal(batch["input_ids"], batch["labels"])
     assert len(data.val_blocks) > 0
 
@@ -170,7 +218,8 @@ def test_experiment_recipes_compose(name: str, tmp_path: Path) -> None:
     config = lora_config_from(cfg)
     assert config.r == cfg.lora.r
     data = instantiate(cfg.data, _convert_="all")
-    assert data.block_size == cfg.data.block_size
+    length = "max_length" if "max_length" in cfg.data else "block_size"  # supervised or packed-text data
+    assert getattr(data, length) == cfg.data[length]
     if cfg.trainer.accelerator != "gpu" or torch.cuda.is_available():
         assert isinstance(instantiate(cfg.trainer, logger=False, default_root_dir=str(tmp_path)), L.Trainer)
     job = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])

@@ -27,6 +27,18 @@ CASES = {
         ["/nonexistent/notes.txt", "cannot read data file"],
     ),
     "malformed jsonl": (["data=text_files", "data.source.train=[{bad}]"], ["line 2", "'text'"]),
+    "sft record without a field": (
+        ["data=sft_jsonl", "data.source.train=[{bad_sft}]"],
+        ["bad_sft.jsonl' line 2", "no 'response' field (fields found: 'prompt', 'answer')"],
+    ),
+    "sft empty response": (
+        ["data=sft_jsonl", "data.source.train=[{bad_sft}]", "data.source.fields={response: answer}"],
+        ["bad_sft.jsonl' line 1", "empty response in field 'answer'"],
+    ),
+    "sft unknown format": (
+        ["data=sft_jsonl", "data.source.train=[{bad_sft}]", "data.source.format=sharegpt"],
+        ["data.source.format must be one of prompt_response, alpaca, messages, got 'sharegpt'"],
+    ),
     "bad override key": (["lora.rank=4"], ["lora.rank"]),
     "unknown monitor": (["monitor=val/acc"], ["monitor must be one of val/loss, val/ppl", "val/acc"]),
     "bad logger mode": (["logger.mode=onlin"], ["logger.mode must be one of offline, online, disabled", "onlin"]),
@@ -39,12 +51,15 @@ CASES = {
 def test_bad_input_one_line_no_output(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
+    bad_sft = tmp_path / "bad_sft.jsonl"
+    bad_sft.write_text('{"prompt": "a", "response": "b", "answer": " "}\n{"prompt": "c", "answer": "d"}\n')
     cache = tmp_path / "cache"
     env = {**app_env(cache), "OMP_NUM_THREADS": "1"}
     procs = {}
     for name, (overrides, _) in CASES.items():  # all at once: each fails within its startup time
         run_dir = tmp_path / name.replace(" ", "_")
-        args = [o.replace("{bad}", str(bad)) for o in overrides] + [f"hydra.run.dir={run_dir}"]
+        args = [o.replace("{bad}", str(bad)).replace("{bad_sft}", str(bad_sft)) for o in overrides]
+        args.append(f"hydra.run.dir={run_dir}")
         procs[name] = (start_cli(args, cache, tmp_path, env=env), run_dir)
     for name, (proc, run_dir) in procs.items():
         stdout, stderr = proc.communicate(timeout=300)

@@ -112,12 +112,24 @@ def _job_name() -> str:
     return str(HydraConfig.get().job.name) if HydraConfig.initialized() else "main"
 
 
+def _cause_of_instantiation(error: BaseException) -> BaseException:
+    """What a config target's constructor raised: Hydra wraps it in an InstantiationException."""
+    from hydra.errors import InstantiationException
+
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
 @contextlib.contextmanager
 def user_errors(output_dir: Path | None) -> Iterator[None]:
     """Turn input errors raised inside the block into a one-line exit (unless HYDRA_FULL_ERROR=1)."""
     try:
         yield
-    except _user_errors() as error:
+    except Exception as raised:
+        error = _cause_of_instantiation(raised)
+        if not isinstance(error, _user_errors()):
+            raise
         if output_dir is not None:
             remove_job_bookkeeping(output_dir)
         if full_error_requested():

@@ -81,6 +81,20 @@ def check_name_or_path(name_or_path: Any) -> None:
         )
 
 
+def max_positions(model: Any) -> int | None:
+    """The longest sequence a model takes (``max_position_embeddings``, GPT-2's ``n_positions``), if it says."""
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return positions if isinstance(positions, int) else None
+
+
+def check_fits_positions(model: Any, length: int, field: str) -> None:
+    """Refuse sequences longer than the model's positions."""
+    positions = max_positions(model)
+    if positions is not None and length > positions:
+        raise UsageError(f"{field}={length} exceeds the model's {positions} positions; use at most {positions}")
+
+
 def _dtype_kwargs(torch_dtype: str | None) -> dict[str, Any]:
     if torch_dtype is None:
         return {}
@@ -154,10 +168,15 @@ def tiny_pretrained(
     The arguments describe the base (they form its cache key); the base is then loaded through
     :func:`pretrained` from its cache directory, exactly as a hub model would be.
     """
+    from lora_lightning.app.chat import ensure_chat_template
     from lora_lightning.app.pretrain import ensure_base
 
     path = ensure_base(name, _plain(architecture), _plain(tokenizer), _plain(pretrain), cache_dir)
-    return pretrained(str(path), name=name, torch_dtype=torch_dtype, target_roles=target_roles, quant=quant)
+    loaded = pretrained(str(path), name=name, torch_dtype=torch_dtype, target_roles=target_roles, quant=quant)
+    # Set here, not in the build, so the cached bases (keyed by their build recipe) stay valid; it is
+    # saved with every merged/ export, so the fine-tuned model is prompted as it was trained.
+    ensure_chat_template(loaded.tokenizer)
+    return loaded
 
 
 def _plain(node: Any) -> dict[str, Any]:

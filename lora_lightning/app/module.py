@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 OPTIM_KEYS = ("name", "lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio")
@@ -50,6 +51,20 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
         return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+def model_inputs(batch: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The forward arguments of a batch: ``input_ids`` and its ``attention_mask`` or packed ``position_ids``.
+
+    Packed rows (position ids restarting at each example) go without an attention mask and without
+    a cache: only then does transformers derive the mask that keeps a row's examples apart.
+    """
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"]}
+    if "attention_mask" in batch:
+        inputs["attention_mask"] = batch["attention_mask"]
+    if "position_ids" in batch:
+        inputs.update(position_ids=batch["position_ids"], use_cache=False)
+    return inputs
 
 
 def _shifted(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -94,27 +109,36 @@ class CausalLMModule(L.LightningModule):
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         self.save_hyperparameters(ignore=["model", "tokenizer"])
         self.val_ppl = Perplexity(ignore_index=-100)
+        self.val_loss = MeanMetric()  # weighted by labelled tokens, so val/ppl = exp(val/loss) whatever the padding
 
-    def forward(self, input_ids: Tensor, labels: Tensor | None = None):
-        """input_ids, labels: (B, T) int64. Returns the transformers output (loss, logits (B, T, V))."""
-        return self.model(input_ids=input_ids, labels=labels)
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, **batch: Tensor):
+        """input_ids, labels: (B, T) int64; batch: ``attention_mask`` or ``position_ids`` (B, T).
+
+        Returns:
+            The transformers output (loss over labels that are not -100, logits (B, T, V)).
+        """
+        return self.model(**model_inputs({"input_ids": input_ids, **batch}), labels=labels)
 
     def on_fit_start(self) -> None:
         # A trainer.validate() before fit (the app scores the base) runs under inference mode,
         # which leaves the metric's state as inference tensors that fit's validation cannot update.
         self.val_ppl.reset()
+        self.val_loss.reset()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self(batch["input_ids"], batch["labels"]).loss
+        loss = self(**batch).loss
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        logits, target = _shifted(self(batch["input_ids"]).logits, batch["labels"])
-        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        logits, target = _shifted(self(**inputs).logits, batch["labels"])
+        count = (target != -100).sum()
+        total = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")
+        self.val_loss.update(total / count.clamp(min=1), weight=count)
         self.val_ppl.update(logits, target)
         size = batch["input_ids"].shape[0]
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
+        self.log("val/loss", self.val_loss, prog_bar=True, batch_size=size)
         self.log("val/ppl", self.val_ppl, prog_bar=True, batch_size=size)
 
     def configure_optimizers(self):
@@ -137,6 +161,8 @@ class CausalLMModule(L.LightningModule):
 def evaluate_perplexity(model: nn.Module, batches: Iterable[dict[str, Tensor]], device: torch.device | str = "cpu"):
     """Token-averaged loss and perplexity of a causal LM over batches (no Lightning involved).
 
+    Scores the tokens a batch labels (``labels``, -100 for none), or every token when it has none.
+
     Returns:
         ``(loss, ppl)`` as floats, ``ppl = exp(loss)``.
     """
@@ -144,10 +170,11 @@ def evaluate_perplexity(model: nn.Module, batches: Iterable[dict[str, Tensor]], 
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
-        ids = batch["input_ids"].to(device)
-        logits, target = _shifted(model(input_ids=ids).logits, ids)
-        total += F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum").item()
-        count += target.numel()
+        batch = {key: value.to(device) for key, value in batch.items()}
+        labels = batch.pop("labels", batch["input_ids"])
+        logits, target = _shifted(model(**model_inputs(batch)).logits, labels)
+        total += F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum").item()
+        count += int((target != -100).sum())
     model.train(was_training)
     if count == 0:
         raise ValueError("no validation tokens to evaluate")

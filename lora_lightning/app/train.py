@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from lora_lightning.app.answers import AnswerProbe, log_answers, print_answers
 from lora_lightning.app.errors import UsageError, job_started, user_errors
 from lora_lightning.app.models import LoadedModel, check_name_or_path, resolve_targets
 from lora_lightning.app.module import CausalLMModule, check_optim, evaluate_perplexity
@@ -135,6 +136,7 @@ def _prepare(cfg: DictConfig, output_dir: Path) -> tuple[LoRAConfig, Any, Loaded
         datamodule.tokenizer = loaded.tokenizer
         datamodule.setup("fit")
         datamodule.check_validation()
+        datamodule.check_model(loaded.model)
     # After the base is loaded: building a base on a cache miss must not change the job's RNG.
     L.seed_everything(cfg.seed, verbose=False)
     return lora_config, datamodule, loaded
@@ -172,6 +174,9 @@ def run(cfg: DictConfig) -> float:
         log_run_config(logger, cfg)
         mark = time.perf_counter()
         before = _validate(trainer, module, datamodule) if cfg.eval_base else {}
+        probe = AnswerProbe.of(datamodule) if trainer.is_global_zero else None  # supervised data only
+        if probe is not None:
+            probe.record("base", module.model)
         timings["base_eval_s"], mark = time.perf_counter() - mark, time.perf_counter()
         trainer.fit(module, datamodule=datamodule)
         timings["fit_s"], mark = time.perf_counter() - mark, time.perf_counter()
@@ -182,6 +187,7 @@ def run(cfg: DictConfig) -> float:
             "model": loaded.name,
             "base_model": loaded.name_or_path,
             "data": repr(datamodule.source),
+            "data_stats": datamodule.summary(),
             "targets": OmegaConf.to_object(cfg.lora).get("targets"),  # the role, or the explicit list
             "lora": {key: value for key, value in lora_config.to_dict().items() if value not in (None, [], {})},
             "params": {
@@ -216,13 +222,18 @@ def run(cfg: DictConfig) -> float:
                 summary["merged_val_ppl"], summary["sample"] = _check_merged(
                     Path(lora.export_paths["merged"]), datamodule, cfg.get("sample")
                 )
+            if probe is not None:
+                probe.record("tuned", module.model)  # merged in place at fit end
+                summary["answers"] = probe.rows()
             timings["after_fit_s"] = time.perf_counter() - mark  # scoring, export check, sample
             summary["timings"] = {key: round(value, 1) for key, value in timings.items()}
             summary["wall_s"] = round(time.perf_counter() - start, 1)
             log_model = bool((cfg.get("logger") or {}).get("log_model"))
+            log_answers(logger, summary.get("answers"), summary["data_stats"])
             log_results(logger, summary, (lora.export_paths or {}).get("adapter"), log_model)
             write_summary(output_dir, summary)
             print_recap(summary)
+            print_answers(summary.get("answers"), summary["data_stats"])
         failed = False
         return float(after[cfg.monitor])
     finally:

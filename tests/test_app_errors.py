@@ -45,7 +45,7 @@ SWEEP_CASES = {
         ["command line: rank=r3 is not an option of group 'rank'"],
     ),
     "study grid": (
-        ["experiment=rank_study", "hydra.sweeper.params.targets=qv,mlpp"],
+        ["experiment=rank_study", "hydra.sweeper.params.targets='qv,mlpp'"],
         ["hydra.sweeper.params.targets: targets=mlpp", "all_linear, attention, mlp, qv"],
     ),
 }

@@ -33,7 +33,9 @@ def wandb_table(report: Report) -> dict[str, Any]:
     best = report.best
     summary = {"sweep/jobs": len(report.rows), "sweep/findings": "\n".join(report.findings)}
     if best is not None:
-        summary.update({"sweep/best_job": best["job"], f"sweep/best_{best['monitor']}": best["monitor_value"]})
+        summary.update(
+            {"sweep/best_job": best["job"], "sweep/monitor": best["monitor"], "sweep/best_value": best["monitor_value"]}
+        )
     return {"columns": list(COLUMNS), "data": data, "summary": summary}
 
 

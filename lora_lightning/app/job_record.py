@@ -2,10 +2,12 @@
 
 The report reads ``summary.json`` and never re-runs anything, so a job that fails after its work
 started still writes one: ``status: failed``, the error on one line, the traceback, and what the
-config says about the method. Inside a multirun the failed job then returns NaN instead of
-raising, so the other jobs' results and the report are not lost to Hydra ending the sweep; the
-report lists the failure and the command exits non-zero (``HYDRA_FULL_ERROR=1`` keeps Hydra's
-behaviour: the exception ends the sweep). A single run raises as before.
+config says about the method. Under the basic (or study) sweeper the failed job then returns NaN
+instead of raising: that sweeper ends the multirun at the first failed job and Hydra skips
+``on_multirun_end``, so the report would be lost; the report lists the failure instead and the
+command exits non-zero. Sweepers with their own failure handling (Optuna marks the trial failed
+and stops past ``max_failure_rate``) get the exception, as does a single run;
+``HYDRA_FULL_ERROR=1`` always raises.
 """
 
 from __future__ import annotations
@@ -70,18 +72,28 @@ def failure_summary(cfg: DictConfig, output_dir: Path, error: BaseException, wal
     }
 
 
-def _in_multirun() -> bool:
+# Sweepers that end the whole multirun at the first failed job (the study sweeper is a basic one).
+_ALL_OR_NOTHING_SWEEPERS = (
+    "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+    "hydra_plugins.lora_lightning_study.study_sweeper.StudySweeper",
+)
+
+
+def _sweep_goes_on_after_nan() -> bool:
+    """Whether this job runs in a multirun whose sweeper would end it at a raised job failure."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    return str(HydraConfig.get().sweeper.get("_target_")) in _ALL_OR_NOTHING_SWEEPERS
 
 
 def run_recorded(job: Callable[[], float], cfg: DictConfig, output_dir: Path, start: float) -> float:
     """Run ``job``; if it raises, write the failure summary first (rank zero) and log the traceback.
 
     Returns:
-        The job's value; NaN for a failed job of a multirun (see the module docstring).
+        The job's value; NaN for a failed job under the basic or study sweeper (see the module docstring).
     """
     try:
         return job()
@@ -89,7 +101,7 @@ def run_recorded(job: Callable[[], float], cfg: DictConfig, output_dir: Path, st
         summary = failure_summary(cfg, output_dir, error, time.perf_counter() - start)
         if output_dir.is_dir():
             rank_zero_only(write_summary)(output_dir, summary)
-        if not _in_multirun() or full_error_requested():
+        if not _sweep_goes_on_after_nan() or full_error_requested():
             raise
         _to_log_file(f"job failed:\n{summary['traceback']}")
         log.warning("job failed: %s (recorded in %s); the sweep goes on", summary["error"], output_dir / SUMMARY_FILE)

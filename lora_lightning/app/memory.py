@@ -4,11 +4,18 @@ On a CUDA device it is ``torch.cuda.max_memory_allocated`` (tensors only: weight
 optimizer state, activations). On the CPU it is the process's peak resident set size. Sweep jobs of
 the basic launcher share one process, whose lifetime peak would carry one job's peak into the next;
 Linux lets a process reset its peak (``/proc/self/clear_refs``), so each job's figure is its own.
-Where that is not possible the lifetime peak (``getrusage``) is reported, and ``kind`` says so.
+Before the reset, what earlier jobs left for the garbage collector is collected and glibc is asked
+to hand freed pages back (``malloc_trim``), so a later job does not start from an earlier one's
+leftovers. Where the reset is not possible the lifetime peak (``getrusage``) is reported, and
+``kind`` says so.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import gc
 import re
 import sys
 from dataclasses import dataclass
@@ -42,6 +49,14 @@ def _hwm_kib() -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _release_freed_memory() -> None:
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if sys.platform.startswith("linux") and libc_name:
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+            ctypes.CDLL(libc_name).malloc_trim(0)  # glibc: return freed heap pages to the system
+
+
 class PeakMeter:
     """Measures the peak between :meth:`start` and :meth:`read` on one device.
 
@@ -58,6 +73,7 @@ class PeakMeter:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return
+        _release_freed_memory()
         try:
             _CLEAR_REFS.write_text("5")  # 5: reset the peak RSS to the current RSS (Linux >= 4.0)
             self._reset_done = _hwm_kib() is not None

@@ -89,7 +89,10 @@ def report_after_error(error: BaseException) -> str | None:
             sweep_dir.rmdir()
         return None
     report, problem = finish_report(sweep_dir, wandb, count_unfinished=True)
-    stopped = f"the sweep stopped: {describe(error)} (HYDRA_FULL_ERROR=1 shows the traceback)"
+    cause = describe(error)
+    if problem and cause in problem:  # the sweeper stopped on that job's failure (Optuna past max_failure_rate)
+        return f"{problem}; the sweeper stopped there"
+    stopped = f"the sweep stopped: {cause} (HYDRA_FULL_ERROR=1 shows the traceback)"
     if problem:
         return f"{problem}; {stopped}"
     return f"{stopped}; the report of its {len(report.rows)} jobs is in {sweep_dir}"

@@ -30,7 +30,15 @@ def study(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     """experiment=rank_study_quick (r4, r16 x qv, all_linear + full), shrunk to seconds, W&B offline."""
     work = tmp_path_factory.mktemp("study")
     sweep = work / "sweep"
-    args = ["-m", "experiment=rank_study_quick", *TINY_LLAMA, *SHORT, "checkpoint.enabled=false"]
+    args = [
+        "-m",
+        "experiment=rank_study_quick",
+        *TINY_LLAMA,
+        *SHORT,
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+    ]
+    args.append("checkpoint.enabled=false")
     proc = run_cli([*args, f"hydra.sweep.dir={sweep}"], cache_dir, work, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return sweep, proc.stdout

@@ -20,10 +20,13 @@ def console() -> Console:
     return Console(highlight=False)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file through a temporary sibling and a rename, so no reader sees half of it."""
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a file (text or bytes) through a temporary sibling and a rename, so no reader sees half of it."""
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    staging.write_text(text)
+    if isinstance(data, bytes):
+        staging.write_bytes(data)
+    else:
+        staging.write_text(data)
     os.replace(staging, path)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,11 @@ class Report:
 
     def not_ok(self) -> list[dict[str, Any]]:
         return [row for row in self.rows if row["status"] != OK]
+
+    def tally(self) -> str:
+        """``5 jobs: 4 ok, 1 unfinished``."""
+        counts = ", ".join(f"{self.count(s)} {s}" for s in (OK, "failed", "unfinished") if self.count(s))
+        return f"{len(self.rows)} job{'s' if len(self.rows) != 1 else ''}: {counts}"
 
 
 def _cell(value: Any) -> str:
@@ -79,11 +83,10 @@ def markdown_text(report: Report, figure: bool) -> str:
     monitor = next((row["monitor"] for row in rows if row["monitor"]), "val/loss")
     labels = varying_overrides(rows)
     best = report.best
-    counts = ", ".join(f"{report.count(s)} {s}" for s in ("ok", "failed", "unfinished") if report.count(s))
     lines = [
         f"# Sweep report: {report.sweep_dir}",
         "",
-        f"{len(rows)} jobs: {counts}. Sorted by {monitor} (lower is better); **best** marks the best job.",
+        f"{report.tally()}. Sorted by {monitor} (lower is better); **best** marks the best job.",
         "",
         "| | job | status | overrides | method | r | alpha | targets | trainable params | trainable % | base val ppl "
         f"| val ppl | merged val ppl | {monitor} | fit (s) | job (s) | peak mem (MiB) | error |",
@@ -106,12 +109,6 @@ def markdown_text(report: Report, figure: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    staging.write_bytes(data)
-    os.replace(staging, path)
-
-
 def write_report(sweep_dir: str | Path) -> Report:
     """Read the jobs of ``sweep_dir`` and write sweep.csv, sweep.md and sweep.png into it.
 
@@ -131,7 +128,7 @@ def write_report(sweep_dir: str | Path) -> Report:
         write_atomic(directory / name, text)
         report.files[name] = directory / name
     if png is not None:
-        _write_bytes_atomic(directory / PNG_FILE, png)
+        write_atomic(directory / PNG_FILE, png)
         report.files[PNG_FILE] = directory / PNG_FILE
     else:
         (directory / PNG_FILE).unlink(missing_ok=True)
@@ -163,10 +160,8 @@ def print_report(report: Report) -> None:
 
     from lora_lightning.app.report import console
 
-    counts = ", ".join(f"{report.count(s)} {s}" for s in ("ok", "failed", "unfinished") if report.count(s))
     out = console()
-    jobs = "1 job" if len(report.rows) == 1 else f"{len(report.rows)} jobs"
-    out.print(f"[bold]lora-lightning: sweep report[/bold] ({jobs}: {counts})")
+    out.print(f"[bold]lora-lightning: sweep report[/bold] ({report.tally()})")
     for name, path in report.files.items():
         out.print(f"  {name.ljust(9)}  {escape(str(path))}", soft_wrap=True)
     best = report.best

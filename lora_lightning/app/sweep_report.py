@@ -122,7 +122,8 @@ def write_report(sweep_dir: str | Path) -> Report:
     directory = Path(sweep_dir)
     rows = read_rows(directory)
     report = Report(directory, rows, findings(rows))
-    png = render_png(rows, f"{directory.name}: val perplexity") if plottable(rows) else None
+    title = f"val perplexity of the sweep {directory.resolve().parent.name}/{directory.name}"
+    png = render_png(rows, title) if plottable(rows) else None
     texts = {CSV_FILE: csv_text(rows), MD_FILE: markdown_text(report, figure=png is not None)}
     for name, text in texts.items():
         write_atomic(directory / name, text)

@@ -25,8 +25,8 @@ from tests.app_support import REPO, TINY_GPT2, TINY_LLAMA
 from tests.reference import scale_of
 
 CONF = config_dir()
-GROUPS = ("model", "rank", "targets", "quant", "data", "trainer", "logger", "experiment")
-LAUNCHERS = ("basic", "joblib", "submitit_slurm")
+GROUPS = ("model", "rank", "targets", "quant", "data", "trainer", "logger", "method", "experiment")
+LAUNCHERS = ("basic", "joblib", "submitit_local", "submitit_slurm")
 SHRINK = {"tiny_llama": TINY_LLAMA, "tiny_gpt2": TINY_GPT2[1:]}
 
 
@@ -75,6 +75,7 @@ def test_the_config_dir_is_the_checkout_or_the_package() -> None:
     assert options("trainer") == ["cpu", "ddp", "default", "fsdp", "gpu"]
     assert options("logger") == ["csv", "none", "wandb"]
     assert options("quant") == ["fp4", "int8", "nf4", "nf4_dq", "none"]
+    assert options("method") == ["full", "lora"]
 
 
 @pytest.mark.parametrize("name", options("model"))
@@ -208,7 +209,12 @@ def test_launcher_options_instantiate(name: str) -> None:
     # hydra.utils.instantiate refuses hydra._internal targets (the basic launcher), so build it by hand.
     params = {key: value for key, value in cfg.hydra.launcher.items() if key != "_target_"}
     launcher = get_class(cfg.hydra.launcher._target_)(**params)
-    expected = {"basic": "BasicLauncher", "joblib": "JoblibLauncher", "submitit_slurm": "SlurmLauncher"}[name]
+    expected = {
+        "basic": "BasicLauncher",
+        "joblib": "JoblibLauncher",
+        "submitit_local": "LocalLauncher",
+        "submitit_slurm": "SlurmLauncher",
+    }[name]
     assert type(launcher).__name__ == expected
 
 
@@ -229,6 +235,47 @@ def test_experiment_recipes_compose(name: str, tmp_path: Path) -> None:
 def test_sweep_recipe_holds_the_grid() -> None:
     cfg = _compose(["experiment=sweep_rank_targets"])
     assert cfg.hydra.sweeper.params == {"rank": "r4,r8,r16", "targets": "qv,all_linear"}
+
+
+@pytest.mark.parametrize("name", options("method"))
+def test_method_options(name: str, llama: LoadedModel, tmp_path: Path) -> None:
+    from lora_lightning.app.methods import FullFineTune, build_method
+    from lora_lightning.callback import LoRACallback
+
+    cfg = _compose([f"method={name}"], output_dir=tmp_path)
+    method = build_method(cfg, lora_config_from(cfg), llama, tmp_path)
+    assert method.name == name and cfg.optim.lr == 5e-3  # full fine-tuning keeps LoRA's optimizer settings
+    if name == "lora":
+        assert isinstance(method.callback, LoRACallback) and method.describe()["lora"]["r"] == 8
+    else:
+        assert isinstance(method.callback, FullFineTune) and method.describe() == {
+            "method": "full",
+            "targets": None,
+            "lora": None,
+        }
+
+
+def test_study_recipe_runs_the_reference_once_beside_the_grid() -> None:
+    """experiment=rank_study: hydra/sweeper=study turns its grid and reference into 11 jobs."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = _compose(["experiment=rank_study"])
+    sweeper_cfg = cfg.hydra.sweeper
+    assert sweeper_cfg.params == {"rank": "r4,r8,r16,r32,r64", "targets": "qv,all_linear"}
+    assert sweeper_cfg.references == [["method=full", "eval_base=true"]] and cfg.eval_base is False
+    # Hydra instantiates sweepers only from the hydra_plugins namespace; build it the same way.
+    sweeper = get_class(sweeper_cfg._target_)(
+        max_batch_size=None, params=sweeper_cfg.params, references=sweeper_cfg.references
+    )
+    params = [f"{key}={value}" for key, value in sweeper_cfg.params.items()]
+    overrides = OverridesParser.create().parse_overrides([*params, "experiment=rank_study", "seed=0"])
+    (jobs,) = sweeper.split_arguments(overrides, None)
+    assert len(jobs) == 11
+    assert jobs[0] == ["experiment=rank_study", "seed=0", "method=full", "eval_base=true"]
+    assert sorted(job[:2] for job in jobs[1:])[0] == ["rank=r16", "targets=all_linear"]
+    assert {tuple(job[:2]) for job in jobs[1:]} == {
+        (f"rank=r{r}", f"targets={t}") for r in (4, 8, 16, 32, 64) for t in ("qv", "all_linear")
+    }
 
 
 def test_user_config_dir_adds_options(tmp_path: Path) -> None:

@@ -45,6 +45,21 @@ CASES = {
     "zero learning rate": (["optim.lr=0"], ["optim.lr must be a positive number, got 0"]),
     "zero LoRA+ ratio": (["optim.lr_ratio_B=0"], ["lr_ratio_B must be a positive number, got 0"]),
     "unknown optim key": (["+optim.lrr=1"], ["optim.lrr is not an option", "lr, weight_decay"]),
+    "negative max_steps": (["trainer.max_steps=-5"], ["trainer.max_steps must be a positive integer", "-5"]),
+    "unknown precision": (["trainer.precision=bf17"], ["'bf17'", "is invalid", "bf16-mixed"]),
+    "unknown trainer key": (["+trainer.max_stepz=5"], ["trainer:", "max_stepz"]),
+}
+# Sweeps whose group choices name an option that does not exist: refused before any sweep dir is made.
+SWEEP_CASES = {
+    "basic sweeper": (["rank=r4,r3"], ["rank=r3", "group 'rank'", "r16, r32, r4, r64, r8"]),
+    "optuna search space": (
+        ["hydra/sweeper=optuna", "rank=choice(r4,r3)", "optim.lr=interval(1e-3,1e-2)"],
+        ["command line: rank=r3 is not an option of group 'rank'"],
+    ),
+    "study grid": (
+        ["experiment=rank_study", "hydra.sweeper.params.targets='qv,mlpp'"],
+        ["hydra.sweeper.params.targets: targets=mlpp", "all_linear, attention, mlp, qv"],
+    ),
 }
 
 
@@ -71,6 +86,25 @@ def test_bad_input_one_line_no_output(tmp_path: Path) -> None:
             assert word in lines[0], f"{name}: {word!r} not in {lines[0]!r}"
         assert not run_dir.exists(), f"{name}: left {sorted(p.name for p in run_dir.rglob('*'))}"
     assert not cache.exists() or not any(cache.iterdir()), "no base model may be built for a bad input"
+
+
+def test_bad_sweep_input_one_line_no_sweep_dir(tmp_path: Path) -> None:
+    env = {**app_env(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    procs = {}
+    for name, (overrides, _) in SWEEP_CASES.items():
+        sweep_dir = tmp_path / name.replace(" ", "_")
+        procs[name] = (
+            start_cli(["-m", *overrides, f"hydra.sweep.dir={sweep_dir}"], tmp_path, tmp_path, env),
+            sweep_dir,
+        )
+    for name, (proc, sweep_dir) in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert proc.returncode != 0 and len(lines) == 1, f"{name}: {stderr}\n{stdout[-2000:]}"
+        assert lines[0].startswith("lora-lightning: error: "), f"{name}: {lines[0]}"
+        for word in SWEEP_CASES[name][1]:
+            assert word in lines[0], f"{name}: {word!r} not in {lines[0]!r}"
+        assert not sweep_dir.exists(), f"{name}: left {sorted(p.name for p in sweep_dir.rglob('*'))}"
 
 
 def test_a_user_directory_keeps_its_own_files_after_a_bad_input(tmp_path: Path) -> None:

@@ -18,7 +18,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_lightning.app.main import config_dir
 from lora_lightning.app.pretrain import MANIFEST
-from tests.app_support import SHORT, TINY_GPT2, TINY_LLAMA, offline_runs, read_offline_run, read_summary, run_cli
+from tests.app_support import (
+    SHORT,
+    TINY_GPT2,
+    TINY_LLAMA,
+    app_env,
+    offline_runs,
+    read_offline_run,
+    read_summary,
+    run_cli,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -29,13 +38,42 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def default_job(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default job (tiny Llama, r8, all linear layers, stdlib code, W&B offline), shrunk, through the CLI."""
+def default_job_run(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The default job (tiny Llama, r8, all linear layers, stdlib code, W&B offline), shrunk, through the CLI.
+
+    With the progress bar on and W&B not silenced, as a new user runs it. Returns the output dir and
+    everything the command printed.
+    """
     work = tmp_path_factory.mktemp("default-job")
     out = work / "run"
-    proc = run_cli([*TINY_LLAMA, *SHORT, "logger.log_model=true", f"hydra.run.dir={out}"], cache_dir, cwd=work)
+    env = app_env(cache_dir)
+    env.pop("WANDB_SILENT")
+    args = [*TINY_LLAMA, *SHORT, "trainer.enable_progress_bar=true", "logger.log_model=true", f"hydra.run.dir={out}"]
+    proc = run_cli(args, cache_dir, cwd=work, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
+    return out, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def default_job(default_job_run: tuple[Path, str]) -> Path:
+    return default_job_run[0]
+
+
+def test_default_job_is_quiet_and_counts_steps(default_job_run: tuple[Path, str]) -> None:
+    out, printed = default_job_run
+    for noise in ("litlogger", "LeafSpec", "Loading weights", "Writing model shards", "anonymous setting"):
+        assert noise not in printed, noise
+    assert "step 8/8" in printed and "Epoch 0/-" not in printed  # the bar counts optimizer steps
+    # The recap shows both continuations of one prompt, decoded without loops (no repeated 3-gram).
+    summary = read_summary(out)
+    assert "sample, base" in printed and "sample, tuned" in printed
+    tokenizer = AutoTokenizer.from_pretrained(out / "merged")
+    for text in (summary["base_sample"], summary["sample"]):
+        assert text.startswith("def ")
+        ids = tokenizer(text).input_ids
+        grams = [tuple(ids[i : i + 3]) for i in range(len(ids) - 2)]
+        assert len(grams) == len(set(grams)), text
+    assert summary["peak_mem_mib"] > 50 and summary["status"] == "ok" and summary["method"] == "lora"
 
 
 def test_default_job_learns_and_reports(default_job: Path) -> None:
@@ -120,6 +158,7 @@ def test_default_job_wandb_offline_run(default_job: Path) -> None:
     assert any("train/loss" in row for row in run["history"])
     assert summary["final/val_loss"] == pytest.approx(read_summary(default_job)["val_loss"])
     assert summary["final/base_val_ppl"] > summary["final/val_ppl"]
+    assert summary["final/peak_mem_mib"] == read_summary(default_job)["peak_mem_mib"]
     assert "train/loss" in summary and run["exit_code"] == 0  # wandb.finish() ran
     # logger.log_model=true: the exported PEFT adapter is the run's model artifact.
     (artifact,) = run["artifacts"]

@@ -33,6 +33,14 @@ def test_installed_wheel_finds_its_configs_and_runs(cache_dir: Path, tmp_path: P
     shipped = set(zipfile.ZipFile(wheel).namelist())
     configs = sorted(p.relative_to(REPO / "conf").as_posix() for p in (REPO / "conf").rglob("*.yaml"))
     assert configs and all(f"lora_lightning/conf/{c}" in shipped for c in configs)
+    # hydra/sweeper=study: Hydra finds sweepers only in the hydra_plugins namespace.
+    assert "hydra_plugins/lora_lightning_study/study_sweeper.py" in shipped
+    assert "hydra_plugins/__init__.py" not in shipped  # a namespace shared with Hydra's other plugins
+    (entry_points,) = [name for name in shipped if name.endswith(".dist-info/entry_points.txt")]
+    assert (
+        "lora-lightning-report = lora_lightning.app.sweep_cli:main"
+        in zipfile.ZipFile(wheel).read(entry_points).decode()
+    )
 
     # Install the wheel alone into a target dir (dependencies come from this environment),
     # and run from a directory that has no conf/ and no source checkout.
@@ -60,7 +68,7 @@ def test_installed_wheel_finds_its_configs_and_runs(cache_dir: Path, tmp_path: P
 
     # The console script pip wrote runs a real (shrunk) job with the packaged configs.
     script = site / "bin" / "lora-lightning"
-    assert os.access(script, os.X_OK)
+    assert os.access(script, os.X_OK) and os.access(site / "bin" / "lora-lightning-report", os.X_OK)
     out = elsewhere / "run"
     args = [*TINY_LLAMA, *SHORT, "logger=none", "trainer.max_steps=2", f"hydra.run.dir={out}"]
     proc = subprocess.run([str(script), *args], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)

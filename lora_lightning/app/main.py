@@ -37,10 +37,12 @@ def _hydra_main() -> None:
     from omegaconf import DictConfig
 
     from lora_lightning.app.train import run
+    from lora_lightning.app.verbosity import library_noise
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
     def task(cfg: DictConfig) -> float:
-        return run(cfg)
+        with library_noise(bool(cfg.get("verbose", False))):
+            return run(cfg)
 
     task()
 
@@ -78,9 +80,15 @@ def main() -> None:
         print(f"{PROG}: error: {exit_.message}", file=sys.stderr)
         sys.exit(1)
     except Exception as error:
-        if full_error_requested() or not _is_config_error(error):
+        if full_error_requested():
             raise
-        print(f"{PROG}: error: {_config_error_text(error)}", file=sys.stderr)
+        from lora_lightning.app.sweep_callback import report_after_error
+
+        # A multirun whose sweeper stopped with an error still gets its report (None: not a sweep).
+        message = report_after_error(error)
+        if message is None and not _is_config_error(error):
+            raise
+        print(f"{PROG}: error: {message or _config_error_text(error)}", file=sys.stderr)
         sys.exit(1)
 
 

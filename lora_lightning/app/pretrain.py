@@ -139,6 +139,7 @@ def _build(name: str, spec: Mapping[str, Any], out: Path) -> None:
     from lora_lightning.app.data import PydocTopics, TokenBlockDataModule
     from lora_lightning.app.module import CausalLMModule
     from lora_lightning.app.report import console
+    from lora_lightning.app.trainer_setup import StepProgressBar
 
     pretrain = spec["pretrain"]
     start = time.perf_counter()
@@ -188,6 +189,7 @@ def _build(name: str, spec: Mapping[str, Any], out: Path) -> None:
         limit_val_batches=0,
         num_sanity_val_steps=0,
         default_root_dir=str(out),
+        callbacks=[StepProgressBar()],  # "step 120/200" rather than "Epoch 0/-2"
     )
     trainer.fit(module, datamodule=data)
     final_loss = float(trainer.callback_metrics.get("train/loss", torch.tensor(float("nan"))))

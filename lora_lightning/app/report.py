@@ -20,10 +20,13 @@ def console() -> Console:
     return Console(highlight=False)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file through a temporary sibling and a rename, so no reader sees half of it."""
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a file (text or bytes) through a temporary sibling and a rename, so no reader sees half of it."""
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    staging.write_text(text)
+    if isinstance(data, bytes):
+        staging.write_bytes(data)
+    else:
+        staging.write_text(data)
     os.replace(staging, path)
 
 
@@ -34,37 +37,56 @@ def write_summary(output_dir: Path, summary: dict[str, Any]) -> Path:
     return path
 
 
+_PEAK_KINDS = {  # memory.py's kinds, as the recap words them
+    "cuda_max_allocated": "CUDA max allocated during fit",
+    "process_peak_rss": "process peak RSS during fit",
+    "process_lifetime_peak_rss": "process peak RSS so far",
+}
+
+
 def print_recap(summary: dict[str, Any]) -> None:
     """The final recap a person reads: perplexity before -> after, trainable share, where things are.
 
     Plain aligned lines rather than a table, so long paths are never cut to the terminal width.
     """
     rows: list[tuple[str, str]] = []
+    full = summary.get("method") == "full"
     base, adapted = summary.get("base_val_ppl"), summary.get("val_ppl")
+    tuned = "full fine-tune" if full else "LoRA"
     if base is not None and adapted is not None:
-        rows.append(("val perplexity", f"{base:,.1f} (base) -> {adapted:,.1f} (LoRA), x{adapted / base:.3f}"))
+        rows.append(("val perplexity", f"{base:,.1f} (base) -> {adapted:,.1f} ({tuned}), x{adapted / base:.3f}"))
     elif adapted is not None:
         rows.append(("val perplexity", f"{adapted:,.1f}"))
     if summary.get("merged_val_ppl") is not None:
-        rows.append(("merged, reloaded", f"{summary['merged_val_ppl']:,.1f} (AutoModelForCausalLM from merged/)"))
+        export = "model/" if full else "merged/"
+        rows.append(("merged, reloaded", f"{summary['merged_val_ppl']:,.1f} (AutoModelForCausalLM from {export})"))
     counts = summary.get("params", {})
     if counts:
         share = f"{counts['trainable']:,d} of {counts['total']:,d} params ({counts['trainable_percent']:.3f}%)"
         rows.append(("trainable", share))
-    lora = summary["lora"]
-    quant = (summary.get("quant") or {}).get("method")
-    quantized = f" base={quant}" if quant else ""
-    rows.append(("lora", f"r={lora['r']} alpha={lora['alpha']} targets={summary['targets']}{quantized}"))
+    if full:
+        rows.append(("method", "full fine-tuning (every weight trains)"))
+    else:
+        lora = summary["lora"]
+        quant = (summary.get("quant") or {}).get("method")
+        quantized = f" base={quant}" if quant else ""
+        rows.append(("lora", f"r={lora['r']} alpha={lora['alpha']} targets={summary['targets']}{quantized}"))
     fidelity = summary.get("merge_fidelity")
     if fidelity and fidelity.get("layers"):
         kept = f"{fidelity['overall_rel_error']:.2g} (worst layer {fidelity['max_rel_error']:.2g})"
         rows.append(("merge", f"the merged weights hold the update to a relative error of {kept}"))
-    for label, key in (("adapter", "adapter"), ("merged model", "merged"), ("checkpoints", "checkpoints")):
+    if summary.get("peak_mem_mib") is not None:
+        kind = _PEAK_KINDS.get(summary.get("peak_mem_kind", ""), "peak")
+        rows.append(("peak memory", f"{summary['peak_mem_mib']:,.0f} MiB ({kind})"))
+    exports = (("adapter", "adapter"), ("merged model", "merged"), ("model", "model"), ("checkpoints", "checkpoints"))
+    for label, key in exports:
         if summary["paths"].get(key):
             rows.append((label, summary["paths"][key]))
     rows.append(("summary", summary["paths"]["summary"]))
+    if summary.get("base_sample"):
+        rows.append(("sample, base", repr(summary["base_sample"])))
     if summary.get("sample"):
-        rows.append(("sample", repr(summary["sample"])))
+        rows.append(("sample, tuned", repr(summary["sample"])))
     rows.append(("time", f"{summary['wall_s']:.0f} s"))
     width = max(len(label) for label, _ in rows)
     out = console()

@@ -18,6 +18,11 @@ from lora_lightning.app.errors import UsageError
 WANDB_MODES = ("offline", "online", "disabled")
 
 
+def sweep_group(sweep_dir: str | Path) -> str:
+    """The W&B group of a multirun: named after its sweep directory's last two parts (date, time)."""
+    return "sweep-" + "_".join(Path(str(sweep_dir)).parts[-2:])
+
+
 def job_identity(default_name: str) -> tuple[str | None, str]:
     """``(group, name)`` for the current Hydra job: the sweep's group (None for a single run), the overrides."""
     from hydra.core.hydra_config import HydraConfig
@@ -29,7 +34,7 @@ def job_identity(default_name: str) -> tuple[str | None, str]:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         # The sweep dir is resolved once for the whole sweep (timestamps included), so every
         # job, in this process or a joblib / SLURM worker, derives the same group from it.
-        group = "sweep-" + "_".join(Path(str(hydra_cfg.sweep.dir)).parts[-2:])
+        group = sweep_group(hydra_cfg.sweep.dir)
     return group, name
 
 
@@ -54,14 +59,24 @@ def build_logger(logger_cfg: DictConfig | None, output_dir: Path, default_name: 
         save_dir.mkdir(parents=True, exist_ok=True)
         # log_model here would upload Lightning checkpoints; the app logs the exported PEFT adapter
         # itself (see log_adapter_artifact), which is what a user wants to download.
-        return instantiate(
+        logger = instantiate(
             logger_cfg,
             name=logger_cfg.get("name") or name,
             group=logger_cfg.get("group") or group,
             save_dir=str(save_dir),
             log_model=False,
         )
+        _drop_dead_wandb_settings(logger)
+        return logger
     return instantiate(logger_cfg)
+
+
+def _drop_dead_wandb_settings(logger: WandbLogger) -> None:
+    # Lightning always passes anonymous=None to wandb.init, which recent wandb answers with a warning
+    # that the setting has no effect; left out, the run is the same and the warning goes.
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and init.get("anonymous", False) is None:
+        del init["anonymous"]
 
 
 def log_run_config(logger: Logger | None, cfg: DictConfig) -> None:
@@ -85,7 +100,8 @@ def log_results(logger: Logger | None, summary: dict[str, Any], adapter_dir: Pat
             "lora/quant": (summary.get("quant") or {}).get("method") or "none",
         }
     )
-    finals = {f"final/{key}": summary[key] for key in ("base_val_ppl", "val_ppl", "val_loss", "merged_val_ppl")}
+    keys = ("base_val_ppl", "val_ppl", "val_loss", "merged_val_ppl", "peak_mem_mib")
+    finals = {f"final/{key}": summary.get(key) for key in keys}
     fidelity = summary.get("merge_fidelity") or {}
     finals["final/merge_overall_rel_error"] = fidelity.get("overall_rel_error")
     logger.log_metrics({key: value for key, value in finals.items() if value is not None})
@@ -110,3 +126,50 @@ def finish(logger: Logger | None, failed: bool = False) -> None:
             wandb.finish(exit_code=1 if failed else 0)
     elif logger is not None:
         logger.finalize("failed" if failed else "success")
+
+
+def wandb_settings(logger_cfg: Any) -> dict[str, Any] | None:
+    """The W&B fields of a logger config (project, entity, mode, group, tags), or None if it is not W&B or is off.
+
+    Reads only those keys, so a config whose other keys interpolate job-time values works here too.
+    """
+    if not logger_cfg or not str(logger_cfg.get("_target_") or "").endswith("WandbLogger"):
+        return None
+    if logger_cfg.get("mode", "offline") == "disabled":
+        return None
+    settings = {key: logger_cfg.get(key) for key in ("project", "entity", "mode", "group")}
+    settings["tags"] = [str(tag) for tag in logger_cfg.get("tags") or []]
+    return settings
+
+
+def log_sweep_report(settings: dict[str, Any], sweep_dir: Path, table: dict[str, Any], figure: Path | None) -> str:
+    """One more run in the sweep's W&B group holding the report table and figure; returns its directory.
+
+    Args:
+        settings: from :func:`wandb_settings`.
+        sweep_dir: the sweep directory; the run is written under ``<sweep_dir>/wandb``.
+        table: ``columns`` and ``data`` (rows of plain values), and ``summary`` (best job, findings).
+        figure: sweep.png, or None when there was nothing to plot.
+    """
+    import wandb
+
+    run = wandb.init(
+        project=settings.get("project") or "lora-lightning",
+        entity=settings.get("entity"),
+        mode=settings.get("mode") or "offline",
+        group=settings.get("group") or sweep_group(sweep_dir),
+        name="sweep-report",
+        job_type="sweep-report",
+        tags=[*(settings.get("tags") or []), "sweep-report"],
+        dir=str(sweep_dir),
+        config={"sweep_dir": str(sweep_dir), "jobs": len(table["data"])},
+    )
+    try:
+        logged: dict[str, Any] = {"sweep/table": wandb.Table(columns=list(table["columns"]), data=table["data"])}
+        if figure is not None:
+            logged["sweep/figure"] = wandb.Image(str(figure))
+        run.log(logged)
+        run.summary.update(table["summary"])
+        return str(Path(run.dir).parent)
+    finally:
+        run.finish()

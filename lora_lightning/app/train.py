@@ -1,4 +1,4 @@
-"""The job: load a base, score it, fine-tune it with LoRA, export, score the merged model, report.
+"""The job: load a base, score it, fine-tune it (LoRA, or in full: ``method``), export, score the export, report.
 
 Everything that can be wrong with the input (the LoRA fields, the target role, the model path, the
 data files) is checked first, before anything is trained or written; such a mistake ends the job
@@ -21,11 +21,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from lora_lightning.app.answers import AnswerProbe, log_answers, print_answers
 from lora_lightning.app.errors import UsageError, job_started, user_errors
+from lora_lightning.app.job_record import OK, eval_key, run_recorded
+from lora_lightning.app.memory import PeakMeter
+from lora_lightning.app.methods import Method, build_method, method_name
 from lora_lightning.app.models import LoadedModel, check_name_or_path, resolve_targets
 from lora_lightning.app.module import CausalLMModule, check_optim, evaluate_perplexity
 from lora_lightning.app.quant import check_quant
 from lora_lightning.app.report import CONFIG_FILE, SUMMARY_FILE, print_recap, write_atomic, write_summary
+from lora_lightning.app.samples import check_sample, continuation
 from lora_lightning.app.tracking import build_logger, check_logger, finish, log_results, log_run_config
+from lora_lightning.app.trainer_setup import check_trainer, progress_callbacks
 from lora_lightning.callback import LoRACallback
 from lora_lightning.config import LoRAConfig
 from lora_lightning.inject import plan_targets
@@ -66,31 +71,21 @@ def _validate(trainer: L.Trainer, module: L.LightningModule, datamodule: Any) ->
 
 
 def _check_merged(merged_dir: Path, datamodule: Any, sample: DictConfig | None) -> tuple[float, str | None]:
-    """Reload the exported merged model as a user would, score it, and let it write a line."""
+    """Reload the exported model as a user would, score it, and let it continue the sample prompt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(merged_dir).to(device)
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     _, ppl = evaluate_perplexity(model, datamodule.val_dataloader(), device)
-    text = None
-    if sample and sample.get("prompt") is not None:
-        prompt = tokenizer(sample.prompt, return_tensors="pt").to(device)
-        with torch.no_grad():
-            out = model.generate(
-                **prompt,
-                max_new_tokens=int(sample.get("max_new_tokens", 32)),
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-            )
-        text = tokenizer.decode(out[0], skip_special_tokens=True)
+    text = continuation(model, tokenizer, sample)
     del model
     return ppl, text
 
 
-def _trainer(cfg: DictConfig, output_dir: Path, logger: Any, lora: L.Callback) -> L.Trainer:
-    """The configured Trainer with the LoRA callback, adapter-only checkpoints and the logger."""
-    callbacks: list[L.Callback] = [lora]
+def _trainer(cfg: DictConfig, output_dir: Path, logger: Any, fine_tune: L.Callback) -> L.Trainer:
+    """The configured Trainer with the method's callback (LoRA: adapter-only checkpoints) and the logger."""
+    callbacks: list[L.Callback] = [fine_tune, *progress_callbacks(cfg.trainer)]
     if cfg.checkpoint.enabled:
         callbacks.append(
             ModelCheckpoint(
@@ -126,13 +121,17 @@ def _prepare(cfg: DictConfig, output_dir: Path) -> tuple[LoRAConfig, Any, Loaded
         LoRACallback(lora_config, lr_ratio_B=optim_fields(cfg).get("lr_ratio_B", 1.0), share_inputs=cfg.share_inputs)
         check_logger(cfg.get("logger"))
         check_quant(quant_fields(cfg))
+        method_name(cfg)  # an unknown method
+        check_trainer(cfg.trainer)
+        check_sample(cfg.get("sample"))
         if cfg.model.get("name_or_path") is not None:
             check_name_or_path(cfg.model.name_or_path)
         datamodule = instantiate(cfg.data, _convert_="all")
         datamodule.source.check()
     with user_errors(output_dir):
         loaded: LoadedModel = instantiate(cfg.model, quant=quant_fields(cfg), _convert_="all")
-        plan_targets(loaded.model, lora_config)  # names that match nothing fail here, not mid-fit
+        if method_name(cfg) == "lora":
+            plan_targets(loaded.model, lora_config)  # names that match nothing fail here, not mid-fit
         datamodule.tokenizer = loaded.tokenizer
         datamodule.setup("fit")
         datamodule.check_validation()
@@ -143,31 +142,30 @@ def _prepare(cfg: DictConfig, output_dir: Path) -> tuple[LoRAConfig, Any, Loaded
 
 
 def run(cfg: DictConfig) -> float:
-    """Run one job; returns the value of ``cfg.monitor`` after training (what a sweeper minimises)."""
+    """Run one job; returns the value of ``cfg.monitor`` after training (what a sweeper minimises).
+
+    A job that fails after its work started leaves a ``summary.json`` saying so (see job_record).
+    """
     start = time.perf_counter()
-    hydra_cfg = HydraConfig.get()
-    output_dir = Path(hydra_cfg.runtime.output_dir)
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
     job_started(output_dir)
+    return run_recorded(lambda: _run(cfg, output_dir, start), cfg, output_dir, start)
+
+
+def _run(cfg: DictConfig, output_dir: Path, start: float) -> float:
+    hydra_cfg = HydraConfig.get()
     lora_config, datamodule, loaded = _prepare(cfg, output_dir)
     timings = {"prepare_s": time.perf_counter() - start}  # base (built on first use), data
 
     choices = hydra_cfg.runtime.choices
     with user_errors(output_dir):  # the last input checks (logger mode, optim values): still one line
-        logger = build_logger(cfg.get("logger"), output_dir, f"{choices.model}-{choices.rank}-{choices.targets}")
+        method: Method = build_method(cfg, lora_config, loaded, output_dir)
+        variant = f"{choices.rank}-{choices.targets}" if method.name == "lora" else method.name
+        logger = build_logger(cfg.get("logger"), output_dir, f"{choices.model}-{variant}")
         optim = optim_fields(cfg)
-        lr_ratio_B = optim.pop("lr_ratio_B", 1.0)
+        optim.pop("lr_ratio_B", 1.0)  # LoRA+ belongs to the LoRA callback
         module = CausalLMModule(loaded.model, loaded.tokenizer, **optim)
-        lora = LoRACallback(
-            lora_config,
-            module="model",
-            merge_on_fit_end=True,
-            export_dir=output_dir if cfg.export else None,
-            lr_ratio_B=lr_ratio_B,
-            tokenizer=loaded.tokenizer,
-            base_model_name_or_path=loaded.name_or_path,
-            share_inputs=cfg.share_inputs,
-        )
-        trainer = _trainer(cfg, output_dir, logger, lora)
+        trainer = _trainer(cfg, output_dir, logger, method.callback)
     rank_zero_only(write_atomic)(output_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     failed = True
     try:
@@ -177,25 +175,28 @@ def run(cfg: DictConfig) -> float:
         probe = AnswerProbe.of(datamodule) if trainer.is_global_zero else None  # supervised data only
         if probe is not None:
             probe.record("base", module.model)
+        if trainer.world_size == 1:  # where fit will run it anyway; several ranks: rank zero on the CPU
+            loaded.model.to(trainer.strategy.root_device)
+        base_sample = rank_zero_only(continuation)(loaded.model, loaded.tokenizer, cfg.get("sample"))
         timings["base_eval_s"], mark = time.perf_counter() - mark, time.perf_counter()
+        meter = PeakMeter(trainer.strategy.root_device)
+        meter.start()
         trainer.fit(module, datamodule=datamodule)
+        peak = meter.read()
         timings["fit_s"], mark = time.perf_counter() - mark, time.perf_counter()
         train_loss = _metric(trainer.callback_metrics, "train/loss")
         after = _validate(trainer, module, datamodule)
 
         summary: dict[str, Any] = {
+            "status": OK,
             "model": loaded.name,
             "base_model": loaded.name_or_path,
             "data": repr(datamodule.source),
             "data_stats": datamodule.summary(),
-            "targets": OmegaConf.to_object(cfg.lora).get("targets"),  # the role, or the explicit list
-            "lora": {key: value for key, value in lora_config.to_dict().items() if value not in (None, [], {})},
-            "params": {
-                "trainable": lora.report.params.trainable,
-                "total": lora.report.params.total,
-                "trainable_percent": round(lora.report.params.trainable_percent, 4),
-                "adapted_modules": len(lora.report.modules),
-            },
+            "eval_key": eval_key(loaded.name_or_path, OmegaConf.to_container(cfg.data, resolve=True)),
+            **method.describe(),  # method, targets (the role or the explicit list), lora fields
+            "params": method.params(),
+            "lr": float(cfg.optim.lr),
             "steps": trainer.global_step,
             "world_size": trainer.world_size,
             "train_loss": train_loss,
@@ -205,22 +206,25 @@ def run(cfg: DictConfig) -> float:
             "val_ppl": _metric(after, "val/ppl"),
             "merged_val_ppl": None,
             "quant": quant_fields(cfg),
-            "merge_fidelity": lora.merge_fidelity.summary() if lora.merge_fidelity else None,
+            "merge_fidelity": method.merge_fidelity(),
             "sample": None,
+            "base_sample": base_sample,
+            "peak_mem_mib": peak.mib,
+            "peak_mem_kind": peak.kind,
             "monitor": {cfg.monitor: after[cfg.monitor]},
             "paths": {
                 "output_dir": str(output_dir),
                 "config": str(output_dir / CONFIG_FILE),
                 "summary": str(output_dir / SUMMARY_FILE),
                 "checkpoints": str(output_dir / "checkpoints") if cfg.checkpoint.enabled else None,
-                **{key: str(path) for key, path in (lora.export_paths or {}).items()},
+                **{key: str(path) for key, path in method.export_paths().items()},
             },
         }
         if trainer.is_global_zero:
-            if cfg.verify_export and lora.export_paths:
+            if cfg.verify_export and method.reload_dir() is not None:
                 module.cpu()  # room for the reloaded copy on a GPU
                 summary["merged_val_ppl"], summary["sample"] = _check_merged(
-                    Path(lora.export_paths["merged"]), datamodule, cfg.get("sample")
+                    method.reload_dir(), datamodule, cfg.get("sample")
                 )
             if probe is not None:
                 probe.record("tuned", module.model)  # merged in place at fit end
@@ -230,7 +234,7 @@ def run(cfg: DictConfig) -> float:
             summary["wall_s"] = round(time.perf_counter() - start, 1)
             log_model = bool((cfg.get("logger") or {}).get("log_model"))
             log_answers(logger, summary.get("answers"), summary["data_stats"])
-            log_results(logger, summary, (lora.export_paths or {}).get("adapter"), log_model)
+            log_results(logger, summary, method.export_paths().get("adapter"), log_model)
             write_summary(output_dir, summary)
             print_recap(summary)
             print_answers(summary.get("answers"), summary["data_stats"])

@@ -1,27 +1,34 @@
 #!/usr/bin/env bash
-# The one GPU call: 1b and 8b step tables (all variants, compiled one included), merge timing at 8b,
-# one-linear timing, the Lightning row, and the bf16 correctness check. About 4-5 minutes on one
-# H200 (PyTorch 2.11, transformers 5.17, peft, lightning; no hydra/omegaconf/wandb needed).
+# The one GPU call: 1b and 8b step tables (LoRA, grouped LoRA, DoRA against the floor and PEFT),
+# the bf16 check, merge/layer/group timing, the Lightning row; then, when the bitsandbytes wheel
+# is carried, Lightning's BitsandbytesPrecision test and QLoRA at the Llama-3-8B shape against
+# PEFT + bitsandbytes. About 8-9 minutes on one H200 (PyTorch 2.11, transformers, peft,
+# lightning; no hydra/omegaconf/wandb needed).
 #
-#   bash benchmarks/gpu_all.sh            # results also land in $OUT/bench.txt and $OUT/bench.jsonl
+#   bash benchmarks/gpu_all.sh            # everything also lands in $OUT/gpu_all.log and $OUT/bench.jsonl
 #
-# Exit status: 1 when the bf16 check fails, otherwise 0 (a variant that fails, e.g. out of memory,
-# prints its error in its row and the rest still run). Anything still to start after BUDGET_S
-# seconds is skipped and marked so, to keep the call inside the device lease.
+# Exit status: 1 when the bf16 check or the GPU test fails, otherwise 0 (a variant that fails, e.g.
+# out of memory, prints its error in its row and the rest still run). Step variants still to start
+# after BUDGET_S seconds are skipped and marked so, to keep the call inside the device lease.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 if [ -n "${OUT:-}" ]; then mkdir -p "$OUT"; fi
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,clocks.max.sm --format=csv || true
-python3 -W ignore benchmarks/step.py --size all-gpu --budget-s "${BUDGET_S:-270}" "$@"
+python3 -W ignore benchmarks/step.py --size all-gpu --budget-s "${BUDGET_S:-200}" \
+  --variants "${VARIANTS:-floor,peft,lora,lora_grouped,dora,peft_dora}" "$@"
 status=$?
-# QLoRA at the Llama-3-8B shape (1x2048 tokens, nf4 double quant, bf16 compute, gradient
-# checkpointing): ours against PEFT + bitsandbytes. The device has no bitsandbytes: carry its wheel
-# (see benchmarks/README.md: pip download into .whl/, run with carry [".whl"]).
-if ls .whl/bitsandbytes-*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && PYTHONPATH="/tmp/site:${PYTHONPATH:-}" python3 -W ignore benchmarks/qlora.py --size 8b --variants qlora,peft_qlora --steps 5
+# The device has no bitsandbytes: carry its wheel (benchmarks/README.md: pip download into .whl/,
+# run with carry [".whl"]).
+if ls .whl/bitsandbytes-*.whl >/dev/null 2>&1 \
+  && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+  export PYTHONPATH="/tmp/site:$PWD:${PYTHONPATH:-}"
+  # Lightning's BitsandbytesPrecision (CUDA-only) with LoRACallback, in either order of setup.
+  python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_quantized.py || status=1
+  # QLoRA at the Llama-3-8B shape (1x2048 tokens, nf4 double quant, bf16 compute, gradient
+  # checkpointing): ours against PEFT + bitsandbytes.
+  python3 -W ignore benchmarks/qlora.py --size 8b --variants qlora,peft_qlora,lora_bf16 --steps 5 --cache /tmp
 else
   echo "QLoRA rows skipped: no .whl/bitsandbytes-*.whl carried"
 fi

@@ -32,9 +32,10 @@ if TYPE_CHECKING:  # pragma: no cover
 class _ScaleOutputs(torch.autograd.Function):
     """``y = h * c + b`` over the last dimension, saving ``y`` (often saved by the next op anyway).
 
-    Backward needs ``h`` for ``dc``; it is recovered as ``(y - b) / c`` instead of being kept, so
-    DoRA adds at most one output-sized activation per layer to LoRA's (none where the consumer
-    keeps ``y``, as SiLU and the gate product do).
+    Backward needs ``sum_n g h`` for ``dc``; with ``h = (y - b) / c`` that is
+    ``(sum_n g y - b sum_n g) / c``, so ``h`` is neither kept nor rebuilt: DoRA adds at most one
+    output-sized activation per layer to LoRA's (none where the consumer keeps ``y``, as SiLU and
+    the gate product do) and two output-sized passes to its backward.
     """
 
     @staticmethod
@@ -52,11 +53,14 @@ class _ScaleOutputs(torch.autograd.Function):
         dh = dc = db = None
         if need_h:
             dh = g * c
+        rows = g.reshape(-1, g.shape[-1])
+        g_sum = rows.sum(0) if need_b or (need_c and ctx.recoverable and b is not None) else None
         if need_c:
-            h = kept if not ctx.recoverable else ((kept if b is None else kept - b) / c)
-            dc = (g * h).reshape(-1, g.shape[-1]).sum(0)
+            dc = (rows * kept.reshape(rows.shape)).sum(0)  # sum g y (or sum g h when h was kept)
+            if ctx.recoverable:
+                dc = (dc if b is None else dc - b * g_sum) / c
         if need_b:
-            db = g.reshape(-1, g.shape[-1]).sum(0)
+            db = g_sum
         return dh, dc, db
 
 

@@ -42,7 +42,7 @@ def test_bad_quant_values_fail_in_one_line_before_the_base_loads(cache_dir: Path
         ("quant.method=nf5", "quant.method must be null or one of nf4, nf4-dq, fp4, int8, got 'nf5'"),
         ("quant=nf4 quant.compute_dtype=fp8", "quant.compute_dtype must be one of auto, float32"),
         ("optim.name=sgd", "optim.name must be one of adamw, adamw_8bit, paged_adamw_8bit, got 'sgd'"),
-        ("quant=nf4 method=full", "method=full trains every weight, which a quantized base cannot; got quant.method='nf4'"),
+        ("quant=nf4 method=full", "method=full trains every weight, which a quantized base cannot; got quant.method="),
     ):
         out = tmp_path / override.split("=")[0]
         proc = run_cli([*TINY_LLAMA, *SHORT, *override.split(), f"hydra.run.dir={out}"], cache_dir, cwd=tmp_path)

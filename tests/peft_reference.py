@@ -50,13 +50,20 @@ def peft_twin(base: nn.Module, config: LoRAConfig, adapted: nn.Module) -> nn.Mod
         if hasattr(m, "lora_A") and ("default" in m.lora_A or "default" in m.lora_embedding_A)
     }
     assert set(ours) == set(theirs), (sorted(set(ours) ^ set(theirs)))[:10]
-    with torch.no_grad():
-        for name, layer in ours.items():
-            twin = theirs[name]
-            if "default" in twin.lora_A:
-                twin.lora_A["default"].weight.copy_(layer.lora_A)
-                twin.lora_B["default"].weight.copy_(layer.lora_B)
-            else:
-                twin.lora_embedding_A["default"].copy_(layer.lora_A)
-                twin.lora_embedding_B["default"].copy_(layer.lora_B)
+    copy_factors(ours, theirs)
     return peft_model
+
+
+@torch.no_grad()
+def copy_factors(ours: dict[str, nn.Module], theirs: dict[str, nn.Module]) -> None:
+    """Copy each of our layers' A, B (and DoRA magnitude) into the PEFT layer of the same name."""
+    for name, layer in ours.items():
+        twin = theirs[name]
+        if "default" in twin.lora_A:
+            twin.lora_A["default"].weight.copy_(layer.lora_A)
+            twin.lora_B["default"].weight.copy_(layer.lora_B)
+        else:
+            twin.lora_embedding_A["default"].copy_(layer.lora_A)
+            twin.lora_embedding_B["default"].copy_(layer.lora_B)
+        if getattr(layer, "lora_magnitude_vector", None) is not None:
+            twin.lora_magnitude_vector["default"].weight.copy_(layer.lora_magnitude_vector)

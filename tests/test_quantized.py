@@ -28,7 +28,7 @@ from lora_lightning.merge import MergeFidelity, merge_and_unload, merge_lora, un
 from lora_lightning.quantized import quantize_model
 from tests.lightning_modules import CausalLM, token_data
 from tests.models import tiny_gpt2, tiny_llama, token_ids
-from tests.peft_reference import peft_config_for, peft_twin
+from tests.peft_reference import copy_factors, peft_config_for, peft_twin
 
 bnb = pytest.importorskip("bitsandbytes")
 ROOT = Path(__file__).resolve().parents[1]
@@ -392,11 +392,7 @@ def test_dora_on_a_4bit_base_equals_peft(dense_dir):
             layer.lora_magnitude_vector.mul_(1.1)
     theirs = get_peft_model(load_quantized(dense_dir, "nf4-dq"), peft_config_for(config))
     peft_layers = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules() if hasattr(m, "lora_A")}
+    copy_factors(lora_layers(ours), peft_layers)
     with torch.no_grad():
-        for name, layer in lora_layers(ours).items():
-            twin = peft_layers[name]
-            twin.lora_A["default"].weight.copy_(layer.lora_A)
-            twin.lora_B["default"].weight.copy_(layer.lora_B)
-            twin.lora_magnitude_vector["default"].weight.copy_(layer.lora_magnitude_vector)
         ids = token_ids()
         assert _rel(ours(input_ids=ids).logits, theirs(input_ids=ids).logits) <= 1e-5

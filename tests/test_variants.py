@@ -20,7 +20,7 @@ from lora_lightning.kernels import lora_linear
 from lora_lightning.layers import LoRAEmbedding, LoRALinear
 from lora_lightning.merge import merge_lora
 from tests.models import output_of, tiny_gpt2, tiny_llama, token_ids
-from tests.peft_reference import peft_config_for
+from tests.peft_reference import copy_factors, peft_config_for
 
 
 def _f64(*shape, seed, requires_grad=True):
@@ -103,16 +103,7 @@ def test_dora_layer_outputs_and_gradients_equal_float64():
 def _peft_dora_twin(base: nn.Module, config: LoRAConfig, ours: nn.Module) -> nn.Module:
     peft_model = get_peft_model(copy.deepcopy(base), peft_config_for(config, ours))
     theirs = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
-    with torch.no_grad():
-        for name, layer in lora_layers(ours).items():
-            twin = theirs[name]
-            if "default" in twin.lora_A:
-                twin.lora_A["default"].weight.copy_(layer.lora_A)
-                twin.lora_B["default"].weight.copy_(layer.lora_B)
-            else:
-                twin.lora_embedding_A["default"].copy_(layer.lora_A)
-                twin.lora_embedding_B["default"].copy_(layer.lora_B)
-            twin.lora_magnitude_vector["default"].weight.copy_(layer.lora_magnitude_vector)
+    copy_factors(lora_layers(ours), theirs)
     return peft_model
 
 

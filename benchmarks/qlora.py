@@ -5,7 +5,7 @@ Each variant runs in a process of its own. It loads the same base the way a user
 layer, float32 adapters, AdamW), and times training steps (forward + backward + optimizer step).
 
     python benchmarks/qlora.py --size 1b        # CPU: TinyLlama-1.1B shape, 1x256 tokens, bf16 compute
-    python benchmarks/qlora.py --size 1b-4l     # CPU: its widths at 4 layers (a 2-core CPU without native bf16)
+    python benchmarks/qlora.py --size 1b --warmup 0 --steps 1   # a 2-core CPU without native bf16
     python benchmarks/qlora.py --size 8b        # CUDA: Llama-3-8B shape, 1x2048 tokens, gradient checkpointing
 
 Memory, CPU: what the variant adds to its process while it trains: the peak resident set during
@@ -40,8 +40,8 @@ from shapes import GIB, MIB, RANK, TARGETS, Shape
 SIZES = {
     "tiny": Shape("tiny", 2, 256, 688, 8, 4, 2048, 1, 64, "tiny Llama (a dry run of the plan)"),
     "1b": Shape("1b", 22, 2048, 5632, 32, 4, 32000, 1, 256, "TinyLlama-1.1B shape"),
-    # The 1.1B shape's widths at 4 of its 22 layers (about 305M parameters): a bf16 step of the whole
-    # 1.1B shape takes over 25 minutes on a 2-core CPU without native bf16.
+    # The 1.1B shape's widths at 4 of its 22 layers (about 305M parameters), for quick looks: on a
+    # CPU without native bf16, PyTorch's bf16 GEMMs (the frozen head's, PEFT's) take minutes a step.
     "1b-4l": Shape("1b-4l", 4, 2048, 5632, 32, 4, 32000, 1, 256, "TinyLlama-1.1B widths, 4 of 22 layers"),
     "8b": Shape("8b", 32, 4096, 14336, 32, 8, 128256, 1, 2048, "Llama-3-8B shape"),
 }
@@ -112,7 +112,7 @@ def child(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     else:
         _reset_peak()
-    times = shapes.time_calls(step, device, warmup=1, repeats=args.steps)
+    times = shapes.time_calls(step, device, warmup=args.warmup, repeats=args.steps)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else shapes.peak_rss_bytes() - before
     median, spread = shapes.summarise(times)
     record = {
@@ -147,7 +147,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="1b")
     parser.add_argument("--variants", default=",".join(VARIANTS[:3]))
-    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps, after --warmup untimed ones")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (their memory counts)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default=os.environ.get("QLORA_BENCH_CACHE", tempfile.gettempdir()))
     parser.add_argument("--child", dest="variant", help=argparse.SUPPRESS)
@@ -166,7 +167,8 @@ def main() -> None:
     results = {}
     for variant in variants:
         command = [sys.executable, "-W", "ignore", __file__, "--size", args.size, "--child", variant, "--dir"]
-        command += [str(directory), "--steps", str(args.steps), "--threads", str(args.threads)]
+        command += [str(directory), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        command += ["--threads", str(args.threads)]
         env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
         proc = subprocess.run(command, capture_output=True, text=True, env=env)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

@@ -22,6 +22,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from lora_lightning.kernels import weight_in
+
 
 class BaseKind:
     """How to read and update one kind of frozen base layer.
@@ -78,6 +80,12 @@ class BaseKind:
         """The base weight as ``(out, in)``: a view of the stored tensor for dense kinds."""
         weight = self.stored_weight(module)
         return weight.t() if self.transposed else weight
+
+    def transient_weight(self, module: nn.Module, dtype: torch.dtype, work: torch.dtype) -> Tensor:
+        """:meth:`dense_weight` in ``dtype`` (what the layer computes in), handed over in ``work`` (the
+        GEMM dtype), for one immediate use: it may sit in a buffer the next call overwrites
+        (:func:`lora_lightning.kernels.scratch`); never keep it."""
+        return weight_in(self.dense_weight(module).to(dtype), work)
 
     def dequantized(self, module: nn.Module, dtype: torch.dtype) -> nn.Module:
         """A plain ``nn.Linear`` holding this layer's weight in ``dtype`` (what a merge into a

@@ -7,24 +7,94 @@ additionally casts every activation to float32. Here the scale and the adds ride
 epilogues (``addmm_`` with ``alpha``/``beta``), adapters are cast to the activation dtype (they are
 small; activations never are), and only ``x`` (shared with the base layer's input, usually no new
 memory) and ``x A^T`` (N x r) are saved. With A frozen (LoRA-FA) ``x`` is not saved at all.
+
+On a CPU without native bf16/fp16 GEMMs (no AVX512-BF16, AMX or Arm BF16), PyTorch multiplies
+reduced-precision matrices in a scalar fallback: a (256 x 5632) @ (5632 x 2048) bf16 product, the
+input gradient of an MLP projection, takes 21 s on a 2-core AVX2 EPYC against 64 ms in float32.
+There the kernels run their GEMMs in float32 on the upcast operands and round each result once to
+the activation dtype: the numbers a native bf16 GEMM (float32 accumulation) gives, up to the order
+of accumulation (see :func:`gemm_dtype`). Everywhere else nothing is cast.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
 import torch
 from torch import Tensor
 
+#: a quantized base's weight, given to the kernels as a function: called with the GEMM dtype, it
+#: returns the dense ``(out, in)`` weight in it, possibly in a buffer the next call reuses
+WeightFn = Callable[[torch.dtype], Tensor]
 #: one adapted linear's operands: ``(W (out, in), b (out,) or None, A (r, in), B (out, r), scale)``
-Terms = tuple[Tensor | Callable[[], Tensor], Tensor | None, Tensor, Tensor, float]
+Terms = tuple[Tensor | WeightFn, Tensor | None, Tensor, Tensor, float]
 _Out = TypeVar("_Out")
 
 
 def _scaled(t: Tensor, scale: float) -> Tensor:
     """``t * scale`` in place; no kernel for the common ``scale == 1`` (multiplying by 1 is exact)."""
     return t if scale == 1.0 else t.mul_(scale)
+
+
+def _native_gemm(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` matrices natively (oneDNN's own check)."""
+    name = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
+    probe = getattr(torch.ops.mkldnn, name, None)
+    try:
+        return True if probe is None else bool(probe())
+    except RuntimeError:  # pragma: no cover - a build without oneDNN: assume native, cast nothing
+        return True
+
+
+#: the CPU's reduced-precision dtypes it has no native GEMM for (asked once: torch.compile traces a constant)
+_CPU_UPCAST = frozenset(d for d in (torch.bfloat16, torch.float16) if not _native_gemm(d))
+
+
+def gemm_dtype(t: Tensor) -> torch.dtype:
+    """The dtype the kernels multiply ``t``'s matrices in: float32 for bf16/fp16 on a CPU without
+    native GEMMs for them (PyTorch's fallback there is 100-300x slower), else ``t.dtype``."""
+    return torch.float32 if t.dtype in _CPU_UPCAST and t.device.type == "cpu" else t.dtype
+
+
+class _Scratch(threading.local):
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+
+
+_SCRATCH = _Scratch()
+
+
+def scratch(slot: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> Tensor:
+    """A CPU buffer of ``shape`` for a weight-sized operand that lives for one GEMM, reused call after call.
+
+    A dequantized (or upcast) weight per layer call is a large block allocated and freed over and
+    over. glibc returns a freed block to the system only above its mmap threshold, which it raises
+    to the largest block freed so far (up to 32 MiB): these blocks then land in the heap, freed
+    holes fill with activations, and the resident set of a QLoRA step grows layer after layer.
+    One buffer per thread and ``slot``, grown to the largest weight asked for, takes their place.
+    Its contents are valid until the next call for the same slot on the same thread.
+    """
+    numel = math.prod(shape)
+    key = (slot, dtype)
+    buffer = _SCRATCH.buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        _SCRATCH.buffers.pop(key, None)
+        buffer = None  # the old buffer is released before the larger one is allocated
+        buffer = _SCRATCH.buffers[key] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel].view(shape)
+
+
+def weight_in(weight: Tensor, work: torch.dtype) -> Tensor:
+    """``weight`` in the GEMM dtype: itself, or (CPU upcast) a copy in the reused ``upcast`` buffer."""
+    if weight.dtype == work:
+        return weight
+    if weight.device.type != "cpu":
+        return weight.to(work)
+    return scratch("upcast", weight.shape, work).copy_(weight)
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -36,6 +106,11 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast switched off on ``device_type`` (a backward called under autocast casts GEMMs otherwise)."""
+    return torch.autocast(device_type, enabled=False) if autocast_dtype(device_type) else contextlib.nullcontext()
 
 
 def _adapted_linear(
@@ -58,15 +133,19 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, x_lora):  # type: ignore[override]  # (lora_linear's)
         in_features = x.shape[-1]
+        work = gemm_dtype(x)  # x.dtype, or float32 on a CPU without native bf16/fp16 GEMMs
         x2 = x.reshape(-1, in_features)  # (N, in); a view for contiguous x
         xl2 = x2 if x_lora is None else x_lora.reshape(-1, in_features)
-        A = lora_A.to(x.dtype)  # (r, in): casting the small factors, never the activations
-        B = lora_B.to(x.dtype)  # (out, r)
+        A = lora_A.to(work)  # (r, in): casting the small factors, never the activations
+        B = lora_B.to(work)  # (out, r)
         # A quantized base passes a function that dequantizes its weight: called here and again
         # in backward, so the dense weight is never kept between the two.
         deferred = not isinstance(weight, Tensor)
-        dense = weight() if deferred else weight
-        out, xa = _adapted_linear(x2, xl2, dense, bias, A, B, scale)
+        dense = weight(work) if deferred else weight_in(weight, work)
+        x2w = x2.to(work)
+        xl2w = x2w if x_lora is None else xl2.to(work)
+        out, xa = _adapted_linear(x2w, xl2w, dense, None if bias is None else bias.to(work), A, B, scale)
+        del dense, x2w, xl2w
 
         need_x = (not deferred and weight.requires_grad) or (x_lora is None and lora_A.requires_grad)
         need_xl = x_lora is not None and lora_A.requires_grad
@@ -83,33 +162,40 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.has_x_lora = x_lora is not None
         ctx.factor_dtypes = (lora_A.dtype, lora_B.dtype)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return out.view(*x.shape[:-1], out.shape[-1])
+        ctx.x_dtype = x.dtype
+        return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        with _autocast_off(grad_out.device.type):
+            return LoRALinearFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: Tensor):
         x2, xl2, xa, weight, A, B = ctx.saved_tensors
-        if ctx.weight_fn is not None:
-            weight = ctx.weight_fn()
+        work, x_dtype = xa.dtype, ctx.x_dtype  # what forward multiplied in, and the activations' dtype
         scale: float = ctx.scale
         need_x, need_w, need_b, need_a, need_bb, _, need_xl = ctx.needs_input_grad
-        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(work)  # (N, out)
         gB = g @ B if (need_x or need_a or need_xl) else None  # (N, r)
 
         dx = dw = db = dA = dB = dxl = None
         if need_x:
-            dx = g @ weight  # (N, in)
+            dense = ctx.weight_fn(work) if ctx.weight_fn is not None else weight_in(weight, work)
+            dx = g @ dense  # (N, in)
+            del dense
             if not ctx.has_x_lora:
                 dx.addmm_(gB, A, alpha=scale)  # + scale * (g B) A, fused into the epilogue
-            dx = dx.view(*grad_out.shape[:-1], dx.shape[-1])
+            dx = dx.to(x_dtype).view(*grad_out.shape[:-1], dx.shape[-1])
         if need_xl:
-            dxl = _scaled(torch.mm(gB, A), scale).view(*grad_out.shape[:-1], A.shape[-1])
+            dxl = _scaled(torch.mm(gB, A), scale).to(x_dtype).view(*grad_out.shape[:-1], A.shape[-1])
         if need_w:
-            dw = g.t() @ x2  # (out, in)
+            dw = (g.t() @ x2.to(work)).to(weight.dtype)  # (out, in)
         if need_b:
             db = g.sum(0).to(ctx.bias_dtype)
         if need_a:
             source = xl2 if ctx.has_x_lora else x2
-            dA = _scaled(gB.t() @ source, scale).to(ctx.factor_dtypes[0])  # (r, in)
+            dA = _scaled(gB.t() @ source.to(work), scale).to(ctx.factor_dtypes[0])  # (r, in)
         if need_bb:
             dB = _scaled(g.t() @ xa, scale).to(ctx.factor_dtypes[1])  # (out, r)
         return dx, dw, db, dA, dB, None, dxl
@@ -117,7 +203,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
 def lora_linear(
     x: Tensor,
-    weight: Tensor | Callable[[], Tensor],
+    weight: Tensor | WeightFn,
     bias: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
@@ -129,8 +215,8 @@ def lora_linear(
     Args:
         x: input, shape ``(*, in)``.
         weight: base weight, shape ``(out, in)`` (a transposed view is fine), dtype of ``x``; or a
-            function returning it (a quantized base dequantizing its weight, in forward and again
-            in backward, never kept).
+            function returning it in the dtype it is asked for (a quantized base dequantizing its
+            weight, in forward and again in backward, never kept: see :data:`WeightFn`).
         bias: base bias ``(out,)`` or None.
         lora_A: ``(r, in)``, any float dtype (cast to ``x.dtype`` for the compute).
         lora_B: ``(out, r)``, any float dtype.
@@ -167,15 +253,19 @@ class SharedInputLoRAFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, scales: tuple[float, ...], *params: Tensor | None):  # type: ignore[override]
         n = len(scales)
         weights, biases, As, Bs = (params[k::4] for k in range(4))
+        work = gemm_dtype(x)  # x.dtype, or float32 on a CPU without native bf16/fp16 GEMMs
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        Ac = [a.to(x.dtype) for a in As]  # (r_i, in): casting the small factors, never the activations
-        Bc = [b.to(x.dtype) for b in Bs]  # (out_i, r_i)
+        x2w = x2.to(work)
+        Ac = [a.to(work) for a in As]  # (r_i, in): casting the small factors, never the activations
+        Bc = [b.to(work) for b in Bs]  # (out_i, r_i)
         xas = []
         outs = []
         for i in range(n):
-            out, xa = _adapted_linear(x2, x2, weights[i], biases[i], Ac[i], Bc[i], scales[i])
+            bias = None if biases[i] is None else biases[i].to(work)
+            out, xa = _adapted_linear(x2w, x2w, weight_in(weights[i], work), bias, Ac[i], Bc[i], scales[i])
             xas.append(xa)
-            outs.append(out.view(*x.shape[:-1], out.shape[-1]))
+            outs.append(out.to(x.dtype).view(*x.shape[:-1], out.shape[-1]))
+        del x2w
 
         train_w = any(w.requires_grad for w in weights)
         train_a = any(a.requires_grad for a in As)
@@ -184,14 +274,21 @@ class SharedInputLoRAFunction(torch.autograd.Function):
         ctx.n, ctx.scales = n, scales
         ctx.factor_dtypes = [(a.dtype, b.dtype) for a, b in zip(As, Bs, strict=True)]
         ctx.bias_dtypes = [None if b is None else b.dtype for b in biases]
-        ctx.in_shape = x.shape
+        ctx.in_shape, ctx.x_dtype, ctx.device_type = x.shape, x.dtype, x.device.type
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads: Tensor | None):  # type: ignore[override]
+        with _autocast_off(ctx.device_type):
+            return SharedInputLoRAFunction._backward(ctx, *grads)
+
+    @staticmethod
+    def _backward(ctx, *grads: Tensor | None):
         n, scales = ctx.n, ctx.scales
         x2, *rest = ctx.saved_tensors
         weights, Ac, Bc, xas = (rest[k * n : (k + 1) * n] for k in range(4))
+        work = Ac[0].dtype  # what forward multiplied in
+        xw = None if x2 is None else x2.to(work)
         need = ctx.needs_input_grad
         need_x = need[0]
         need_w, need_b, need_a, need_bb = (need[2 + k :: 4] for k in range(4))
@@ -203,14 +300,16 @@ class SharedInputLoRAFunction(torch.autograd.Function):
         for i, grad in enumerate(grads):
             if grad is None:  # this output was not used: nothing flows back through it
                 continue
-            g = grad.reshape(-1, grad.shape[-1])  # (N, out_i)
+            g = grad.reshape(-1, grad.shape[-1]).to(work)  # (N, out_i)
             if need_x:
-                dx = g @ weights[i] if dx is None else dx.addmm_(g, weights[i])
+                weight = weight_in(weights[i], work)
+                dx = g @ weight if dx is None else dx.addmm_(g, weight)
+                del weight
             if need_x or need_a[i]:
                 gBs.append(g @ Bc[i])
                 used.append(i)
             if need_w[i]:
-                dparams[4 * i] = g.t() @ x2
+                dparams[4 * i] = (g.t() @ xw).to(weights[i].dtype)
             if need_b[i]:
                 dparams[4 * i + 1] = g.sum(0).to(ctx.bias_dtypes[i])
             if need_bb[i]:
@@ -227,7 +326,7 @@ class SharedInputLoRAFunction(torch.autograd.Function):
             if need_x:
                 dx.addmm_(gB, A, alpha=scale)  # every member's adapter share of dx in one GEMM
             if any(need_a[i] for i in used):
-                dA = _scaled(gB.t() @ x2, scale)  # (R, in): one pass over x for every member's dA
+                dA = _scaled(gB.t() @ xw, scale)  # (R, in): one pass over x for every member's dA
                 offset = 0
                 for i in used:
                     rank = Ac[i].shape[0]
@@ -235,7 +334,7 @@ class SharedInputLoRAFunction(torch.autograd.Function):
                         dparams[4 * i + 2] = dA[offset : offset + rank].to(ctx.factor_dtypes[i][0])
                     offset += rank
         if dx is not None:
-            dx = dx.view(ctx.in_shape)
+            dx = dx.to(ctx.x_dtype).view(ctx.in_shape)
         return (dx, None, *dparams)
 
 
@@ -275,10 +374,10 @@ def _as_autocast_would(
         return compute(x.to(dtype), cast, None if x_lora is None else x_lora.to(dtype))
 
 
-def _cast_weight(weight: Tensor | Callable[[], Tensor], dtype: torch.dtype) -> Tensor | Callable[[], Tensor]:
+def _cast_weight(weight: Tensor | WeightFn, dtype: torch.dtype) -> Tensor | WeightFn:
     if isinstance(weight, Tensor):
         return weight.to(dtype)
-    return lambda: weight().to(dtype)  # a deferred (dequantizing) weight stays deferred
+    return lambda work: weight_in(weight(dtype), work)  # a deferred (dequantizing) weight stays deferred
 
 
 def fused_lora_linear(x: Tensor, terms: Terms, x_lora: Tensor | None = None) -> Tensor:

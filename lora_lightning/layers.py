@@ -238,7 +238,7 @@ class LoRALinear(LoRALayer):
             # compute dtype; so does the fused kernel, with a weight dequantized again in backward
             # rather than kept (the dense weight never outlives the call).
             bias = None if bias is None else bias.to(dtype)
-            terms = (lambda: kind.dense_weight(base).to(dtype), bias, self.lora_A, self.lora_B, self.scale)
+            terms = (lambda work: kind.transient_weight(base, dtype, work), bias, self.lora_A, self.lora_B, self.scale)
             x_lora = None if x_lora is None else x_lora.to(dtype)
             return fused_lora_linear(x.to(dtype), terms, x_lora).to(x.dtype)  # type: ignore[arg-type]
         # int8 (LLM.int8() quantizes activations too): the base's own forward, plus the adapter.

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lora_lightning import kernels
 from lora_lightning.kernels import lora_linear
 from lora_lightning.layers import LoRAEmbedding, LoRALinear
 from tests.reference import lora_delta, lora_linear_reference
@@ -113,6 +114,40 @@ def test_bf16_base_with_float32_adapters_computes_in_activation_dtype():
         x.detach().float(), base.weight.float(), base.bias.float(), layer.lora_A, layer.lora_B, 2
     )
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("upcast", [False, True], ids=["native-bf16", "cpu-without-bf16"])
+def test_bf16_on_a_cpu_without_native_bf16_multiplies_in_float32_and_rounds_once(monkeypatch, upcast):
+    # which CPU this is decides the path; both are forced here so each is checked on any CPU
+    monkeypatch.setattr(kernels, "_CPU_UPCAST", frozenset({torch.bfloat16}) if upcast else frozenset())
+    torch.manual_seed(0)
+    n, d_in, d_out, r, scale = 32, 96, 80, 4, 0.5
+    x = torch.randn(n, d_in, dtype=torch.bfloat16, requires_grad=True)
+    weight, bias = torch.randn(d_out, d_in, dtype=torch.bfloat16), torch.randn(d_out, dtype=torch.bfloat16)
+    A = torch.randn(r, d_in, requires_grad=True)
+    B = torch.randn(d_out, r, requires_grad=True)
+    g = torch.randn(n, d_out, dtype=torch.bfloat16)
+    out = lora_linear(x, weight, bias, A, B, scale)
+    out.backward(g)
+    assert out.dtype == x.grad.dtype == torch.bfloat16 and A.grad.dtype == B.grad.dtype == torch.float32
+
+    d = [t.detach().double() for t in (x, weight, bias, A, B, g)]
+    x64, w64, b64, A64, B64, g64 = d
+    ref = x64 @ w64.t() + b64 + scale * (x64 @ A64.t()) @ B64.t()
+    ref_dx = g64 @ w64 + scale * (g64 @ B64) @ A64
+    ref_dA, ref_dB = scale * (g64 @ B64).t() @ x64, scale * g64.t() @ (x64 @ A64.t())
+    if upcast:
+        # float32 GEMMs on the bf16 values, one rounding to bf16: within half a bf16 ulp (2^-8 relative)
+        for got, want in ((out, ref), (x.grad, ref_dx)):
+            assert ((got.double() - want).abs() <= want.abs() * 2**-8 + 1e-4).all()
+        torch.testing.assert_close(A.grad.double(), ref_dA, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(B.grad.double(), ref_dB, rtol=1e-5, atol=1e-4)
+    else:  # nothing cast: the bf16 GEMMs, bit for bit
+        Ab, Bb = A.detach().bfloat16(), B.detach().bfloat16()
+        assert torch.equal(
+            out, torch.addmm(bias, x.detach(), weight.t()).addmm_(x.detach() @ Ab.t(), Bb.t(), alpha=scale)
+        )
+        assert torch.equal(x.grad, (g @ weight).addmm_(g @ Bb, Ab, alpha=scale))
 
 
 def test_autocast_bf16_runs_lora_in_bf16_and_keeps_factor_dtypes():

@@ -21,11 +21,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from lora_lightning import LoRACallback, LoRAConfig, inject_lora, parameter_summary
+from lora_lightning import LoRACallback, LoRAConfig, inject_lora, parameter_summary, quantized
 from lora_lightning.adapters import export_merged, load_adapter, save_adapter
 from lora_lightning.inject import lora_layers
 from lora_lightning.merge import MergeFidelity, merge_and_unload, merge_lora, unmerge_lora
-from lora_lightning.quantized import quantize_model
+from lora_lightning.quantized import Linear4bitKind, dequantize_into, quantize_model
 from tests.lightning_modules import CausalLM, token_data
 from tests.models import tiny_gpt2, tiny_llama, token_ids
 from tests.peft_reference import copy_factors, peft_config_for, peft_twin
@@ -111,6 +111,22 @@ def test_a_4bit_layer_keeps_no_dense_weight_for_backward_and_matches_float64():
     assert _rel(out.detach(), want.detach()) <= 1e-6
     assert _rel(x.grad, xd.grad) <= 1e-5
     assert layer.base_layer.support_avx512bf16_for_cpu is False  # one weight layout, eval or not
+
+
+@pytest.mark.parametrize("method", ["nf4", "nf4-dq", "fp4"])
+@pytest.mark.parametrize("into", [torch.float32, torch.bfloat16])
+def test_banded_dequantization_gives_bitsandbytes_values_bit_for_bit(monkeypatch, method, into):
+    """On the CPU the kernels dequantize a 4-bit weight band by band into a reused buffer; each
+    band is bitsandbytes' own dequantization of its blocks, so the whole is dequantize_4bit's."""
+    monkeypatch.setattr(quantized, "DEQUANT_CHUNK", 300)  # many bands
+    torch.manual_seed(0)
+    # 96 columns: a band of 2 rows ends on a 64-element block; 40 columns: 8 rows
+    net = nn.Sequential(nn.Linear(96, 50, dtype=torch.bfloat16), nn.Linear(40, 30, dtype=torch.bfloat16))
+    quantize_model(net, method)
+    for layer in net:
+        want = Linear4bitKind().dense_weight(layer).to(torch.bfloat16).to(into)
+        buffer = torch.full((layer.out_features, layer.in_features), float("nan"), dtype=into)
+        assert torch.equal(dequantize_into(layer, buffer, torch.bfloat16), want)
 
 
 def test_eval_without_grad_and_an_out_features_not_divisible_by_32():

@@ -15,6 +15,7 @@ from lora_lightning import sharing
 from lora_lightning.config import LoRAConfig, layer_index, name_matches
 from lora_lightning.inits import rewrites_base
 from lora_lightning.layers import LoRAEmbedding, LoRALayer, LoRALinear, adaptable_kind, is_lora_layer
+from lora_lightning.mapped import release_mapped_weights
 from lora_lightning.report import AdaptedModule, LoRAReport, ParameterSummary, parameter_summary
 from lora_lightning.variants import variant_for
 
@@ -339,10 +340,14 @@ def inject_lora(
         else:
             layer = LoRALinear(module, r, alpha, dropout=config.dropout, **options)
         _set_submodule(model, name, layer)
+    holds_quantized = False
     for module in model.modules():  # every quantized layer, adapted or not, keeps one weight layout
         kind = adaptable_kind(module)
         if kind is not None and not kind.dense and not is_lora_layer(module):
             kind.adopt(module)
+            holds_quantized = True
+    if holds_quantized:  # the full-precision checkpoint it was quantized from need not stay resident
+        release_mapped_weights(model)
     setattr(model, _CONFIG_ATTR, config)
     mark_trainable(model, config)
     if share_inputs:

@@ -7,6 +7,7 @@ merged model loaded by plain transformers in a process where bitsandbytes cannot
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -127,6 +128,29 @@ def test_banded_dequantization_gives_bitsandbytes_values_bit_for_bit(monkeypatch
         want = Linear4bitKind().dense_weight(layer).to(torch.bfloat16).to(into)
         buffer = torch.full((layer.out_features, layer.in_features), float("nan"), dtype=into)
         assert torch.equal(dequantize_into(layer, buffer, torch.bfloat16), want)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")
+@pytest.mark.parametrize("tied", [False, True])
+def test_adapting_a_4bit_model_closes_the_mapped_full_precision_checkpoint(tmp_path, tied):
+    """from_pretrained leaves the unquantized tensors as views into the mapped bf16 file, which
+    keeps every page read to quantize resident; adapting moves them out so the mapping closes."""
+    tiny_llama(tie_word_embeddings=tied).to(torch.bfloat16).save_pretrained(tmp_path)
+    checkpoint = str(tmp_path / "model.safetensors")
+
+    def mapped() -> bool:
+        return any(line.rstrip().endswith(checkpoint) for line in Path("/proc/self/maps").read_text().splitlines())
+
+    model = load_quantized(tmp_path, "nf4")
+    assert mapped()  # the premise: the embeddings, head and norms still point into the file
+    plain = {name: t.clone() for name, t in model.state_dict().items() if t.is_floating_point()}
+    inject_lora(model, LoRAConfig(r=4, target_modules="all-linear"))
+    gc.collect()
+    assert not mapped()
+    head, embeddings = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    assert (head is embeddings) == tied and (head.data_ptr() == embeddings.data_ptr()) == tied
+    after = {name.replace(".base_layer", ""): t for name, t in model.state_dict().items()}
+    assert plain and all(torch.equal(after[name], value) for name, value in plain.items())
 
 
 def test_eval_without_grad_and_an_out_features_not_divisible_by_32():

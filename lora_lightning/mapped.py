@@ -14,6 +14,8 @@ Linux only (``/proc/self/maps``); elsewhere nothing is moved.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 from pathlib import Path
 
 import torch
@@ -60,4 +62,16 @@ def release_mapped_weights(model: nn.Module) -> int:
                 else:
                     module._buffers[name] = tensor.clone()
                 moved += tensor.numel() * tensor.element_size()
+    if moved:
+        _trim_heap()
     return moved
+
+
+def _trim_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Quantizing at load allocates and frees a full-precision copy of every weight; glibc keeps
+    most of that freed memory (a quarter of a GiB at the 1.1B shape) in the process.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -84,7 +84,8 @@ def scratch(slot: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) 
     if buffer is None or buffer.numel() < numel:
         _SCRATCH.buffers.pop(key, None)
         buffer = None  # the old buffer is released before the larger one is allocated
-        buffer = _SCRATCH.buffers[key] = torch.empty(numel, dtype=dtype)
+        with torch.inference_mode(False):  # made during validation, it still takes training's writes
+            buffer = _SCRATCH.buffers[key] = torch.empty(numel, dtype=dtype)
     return buffer[:numel].view(shape)
 
 

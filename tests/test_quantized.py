@@ -22,7 +22,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from lora_lightning import LoRACallback, LoRAConfig, inject_lora, parameter_summary, quantized
+from lora_lightning import LoRACallback, LoRAConfig, inject_lora, kernels, parameter_summary, quantized
 from lora_lightning.adapters import export_merged, load_adapter, save_adapter
 from lora_lightning.inject import lora_layers
 from lora_lightning.merge import MergeFidelity, merge_and_unload, merge_lora, unmerge_lora
@@ -151,6 +151,23 @@ def test_adapting_a_4bit_model_closes_the_mapped_full_precision_checkpoint(tmp_p
     assert (head is embeddings) == tied and (head.data_ptr() == embeddings.data_ptr()) == tied
     after = {name.replace(".base_layer", ""): t for name, t in model.state_dict().items()}
     assert plain and all(torch.equal(after[name], value) for name, value in plain.items())
+
+
+def test_a_4bit_layer_trains_after_running_under_inference_mode(monkeypatch):
+    """Lightning validates under torch.inference_mode(); the reused dequantization buffer, when made
+    there, must still take the writes of the training steps after it."""
+    monkeypatch.setattr(kernels._SCRATCH, "buffers", {})  # this thread's buffers start empty
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 96))
+    quantize_model(net, "nf4")
+    inject_lora(net, LoRAConfig(r=4, target_modules=["0"]))
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        validated = net(x)
+    out = net(x)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), validated, rtol=0, atol=0)
+    assert net[0].lora_B.grad is not None and net[0].lora_B.grad.abs().sum() > 0
 
 
 def test_eval_without_grad_and_an_out_features_not_divisible_by_32():

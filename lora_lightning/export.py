@@ -141,11 +141,12 @@ def _tensors(model: nn.Module) -> Iterator[tuple[str, Producer, Any, str | None]
             if bias is not None:
                 yield f"{dot}bias", (lambda b=bias: b.detach()), bias, None
             continue
-        for leaf, tensor in module._parameters.items():
-            if tensor is not None:
-                yield f"{dot}{leaf}", (lambda t=tensor: t.detach()), tensor, None
-        for leaf, tensor in module._buffers.items():
-            if tensor is not None and leaf not in module._non_persistent_buffers_set:
+        for leaf, tensor in module.named_parameters(recurse=False, remove_duplicate=False):
+            yield f"{dot}{leaf}", (lambda t=tensor: t.detach()), tensor, None
+        # what state_dict() saves: no public API tells a buffer's persistence (private_names lists this)
+        transient = module._non_persistent_buffers_set
+        for leaf, tensor in module.named_buffers(recurse=False, remove_duplicate=False):
+            if leaf not in transient:
                 yield f"{dot}{leaf}", (lambda t=tensor: t.detach()), tensor, None
 
 

@@ -60,7 +60,7 @@ def release_mapped_weights(model: nn.Module) -> int:
                 if isinstance(tensor, nn.Parameter):
                     tensor.data = tensor.data.clone()
                 else:
-                    module._buffers[name] = tensor.clone()
+                    setattr(module, name, tensor.clone())  # a registered buffer stays registered
                 moved += tensor.numel() * tensor.element_size()
     if moved:
         _trim_heap()

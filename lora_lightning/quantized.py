@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from lora_lightning.base import BaseKind, conv1d_class, register_kind, register_packed_numel
 from lora_lightning.config import QUANT_METHODS
 from lora_lightning.kernels import scratch
+from lora_lightning.private_names import private
 
 QuantMethod = Literal["nf4", "nf4-dq", "fp4", "int8"]
 
@@ -89,7 +90,12 @@ class Linear4bitKind(_QuantizedKind):
     def dense_weight(self, module: nn.Module) -> Tensor:
         _unpack_cpu(module)
         weight = module.weight
-        return bnb().functional.dequantize_4bit(weight.data, weight.quant_state)
+        state = weight.quant_state
+        if weight.device.type != "cpu":
+            return bnb().functional.dequantize_4bit(weight.data, state)
+        # On the CPU, bitsandbytes' kernel is chosen by CPU and shape (and on AVX-512 misreads
+        # blocks that straddle rows): the same dequantization as the kernels' keeps one answer.
+        return dequantize_into(module, torch.empty(tuple(state.shape), dtype=state.dtype), state.dtype)
 
     def transient_weight(self, module: nn.Module, dtype: torch.dtype, work: torch.dtype) -> Tensor:
         if module.weight.device.type != "cpu":  # CUDA's caching allocator reuses the block already
@@ -99,17 +105,23 @@ class Linear4bitKind(_QuantizedKind):
         return dequantize_into(module, scratch("dequantized", tuple(state.shape), work), dtype)
 
 
-#: elements :func:`dequantize_into` dequantizes at a time (2 MiB in bf16)
+#: elements :func:`dequantize_into` dequantizes at a time (4 MiB of float32)
 DEQUANT_CHUNK = 1 << 20
 
 
 def dequantize_into(module: nn.Module, out: Tensor, dtype: torch.dtype) -> Tensor:
-    """A ``Linear4bit``'s weight dequantized into ``out`` ``(out, in)``, a band of rows at a time.
+    """A ``Linear4bit``'s weight dequantized into ``out`` ``(out, in)``, a band of rows at a time (CPU).
 
-    Each band is bitsandbytes' own dequantization of its blocks, in the dtype the layer was
-    quantized from, rounded to ``dtype`` and written into ``out`` (any float dtype): the values of
-    ``dequantize_4bit(...).to(dtype)``, without its whole-weight temporary (on the CPU, a block
-    of 23 MiB per MLP projection at the 1.1B shape, allocated and freed at every call).
+    Every element is ``code[q] * absmax[block]`` formed in float32 (exact: a product of two
+    float32 values), rounded to the dtype the layer was quantized from, then to ``dtype`` and
+    written into ``out`` (any float dtype): the values bitsandbytes' reference dequantization
+    gives, whatever this CPU is, without a whole-weight temporary (on the CPU, a block of 23 MiB
+    per MLP projection at the 1.1B shape, allocated and freed at every call).
+
+    Where each row holds whole blocks (every real model's widths), a band is bitsandbytes' own
+    ``dequantize_4bit`` op asked for float32, which computes that product; where blocks straddle
+    rows, bitsandbytes' AVX-512 CPU kernel indexes the scales by row and is wrong (measured: 2%
+    relative error at 96 columns), so such a weight is computed here in plain torch.
     """
     weight = module.weight
     state = weight.quant_state
@@ -117,24 +129,43 @@ def dequantize_into(module: nn.Module, out: Tensor, dtype: torch.dtype) -> Tenso
     size = state.blocksize
     absmax = state.absmax
     if state.nested:  # double quantization: the block scales are themselves 8-bit
-        absmax = bnb().functional.dequantize_blockwise(state.absmax, state.state2).add_(state.offset).float()
-    packed = weight.data.view(-1, 1)  # two 4-bit codes a byte, blocks of ``size`` elements
+        absmax = bnb().functional.dequantize_blockwise(state.absmax, state.state2).add_(state.offset)
+    absmax = absmax.float()
+    packed = weight.data.view(torch.uint8).view(-1)  # two 4-bit codes a byte, blocks of ``size`` elements
     band = size // math.gcd(cols, size)  # bands start on a block boundary
     band = max(band, DEQUANT_CHUNK // cols // band * band)
+    whole_blocks = cols % size == 0
+    pairs = None if whole_blocks else _code_pairs(state.quant_type, weight.device)
     op = torch.ops.bitsandbytes.dequantize_4bit.default
     for start in range(0, rows, band):
         stop = min(rows, start + band)
-        first, last = start * cols, stop * cols  # elements
-        part = op(
-            packed[first // 2 : (last + 1) // 2],
-            absmax[first // size : -(-last // size)],
-            size,
-            state.quant_type,
-            [stop - start, cols],
-            state.dtype,
-        )
-        out[start:stop].copy_(part.to(dtype))
+        first, last = start * cols, stop * cols  # elements; ``first`` is a multiple of ``size``
+        scales = absmax[first // size : -(-last // size)]
+        bytes_ = packed[first // 2 : (last + 1) // 2]
+        if whole_blocks:
+            part = op(bytes_.view(-1, 1), scales, size, state.quant_type, [stop - start, cols], torch.float32)
+        else:
+            part = _dequantize_blocks(bytes_, scales, size, pairs, last - first)
+        if state.dtype != torch.float32:
+            part = part.to(state.dtype)
+        out[start:stop].copy_(part.view(stop - start, cols))
     return out
+
+
+def _code_pairs(quant_type: str, device: torch.device) -> Tensor:
+    """``(256, 2)`` float32: for each byte, the 4-bit code values of its high and low halves."""
+    code = bnb().functional.get_4bit_type(quant_type, device=device).float()
+    return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
+
+
+def _dequantize_blocks(bytes_: Tensor, scales: Tensor, size: int, pairs: Tensor, n: int) -> Tensor:
+    """``n`` elements (from a block boundary) of packed 4-bit codes times their block's scale, float32."""
+    values = pairs[bytes_.long()].view(-1)[:n]
+    full = n // size * size
+    values[:full].view(-1, size).mul_(scales[: full // size, None])
+    if full < n:  # the tensor's last, partial block
+        values[full:].mul_(scales[full // size])
+    return values
 
 
 class Linear8bitKind(_QuantizedKind):
@@ -174,10 +205,14 @@ def _unpack_cpu(module: nn.Module) -> None:
     """Undo bitsandbytes' in-place CPU repacking (a layer that ran its CPU inference path)."""
     weight = module.weight
     if getattr(weight.quant_state, "packing_format_for_cpu", False):
-        from bitsandbytes.backends.cpu.ops import _convert_weight_packed_for_cpu_inverse
-
-        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
-        module.quant_state = weight.quant_state
+        inverse = private("unpack_cpu_4bit")
+        data, state = inverse(weight.data, weight.quant_state)
+        if state.absmax.dim() == 2:
+            # The repacking stores the scales (blocks per row, rows) in bf16; bitsandbytes 0.50's
+            # inverse lays them back out row by row only under double quantization.
+            state.absmax = state.absmax.t().reshape(-1).float()
+        weight.data, weight.quant_state = data, state
+        module.quant_state = state
 
 
 def packed_numel(param: Tensor) -> int | None:

@@ -54,7 +54,7 @@ def snapshot_merged(model: nn.Module) -> dict[str, _Layer]:
     snapshot = {}
     for name, layer in lora_layers(model).items():
         tensors = {role.attr: getattr(layer, role.attr).detach().clone() for role in layer.variant.roles}
-        buffers = {key: value.detach().clone() for key, value in layer._buffers.items() if value is not None}
+        buffers = {key: value.detach().clone() for key, value in layer.named_buffers(recurse=False)}
         snapshot[name] = _Layer(tensors, buffers, layer._premerge_base)
     return snapshot
 

@@ -26,6 +26,7 @@ from lora_lightning import LoRACallback, LoRAConfig, inject_lora, kernels, param
 from lora_lightning.adapters import export_merged, load_adapter, save_adapter
 from lora_lightning.inject import lora_layers
 from lora_lightning.merge import MergeFidelity, merge_and_unload, merge_lora, unmerge_lora
+from lora_lightning.private_names import private
 from lora_lightning.quantized import Linear4bitKind, dequantize_into, quantize_model
 from tests.lightning_modules import CausalLM, token_data
 from tests.models import tiny_gpt2, tiny_llama, token_ids
@@ -43,8 +44,16 @@ def dense_dir(tmp_path_factory) -> Path:
     return directory
 
 
-def load_quantized(directory: Path, method: str, compute: torch.dtype = torch.float32) -> nn.Module:
-    """The way a user loads a quantized base: from_pretrained with a BitsAndBytesConfig."""
+def load_quantized(
+    directory: Path, method: str, compute: torch.dtype = torch.float32, cpu_inference_path: bool = False
+) -> nn.Module:
+    """The way a user loads a quantized base: from_pretrained with a BitsAndBytesConfig.
+
+    On a CPU with AVX512-BF16, bitsandbytes sends a Linear4bit that scores in eval mode without
+    grad down its own inference path (the weight repacked in place, the scales rounded to bf16):
+    a reference on that path computes something else than ours. Unless ``cpu_inference_path``,
+    every 4-bit layer is kept on the path every CPU takes, the one an adapted layer keeps.
+    """
     if method == "int8":
         config = BitsAndBytesConfig(load_in_8bit=True)
     else:
@@ -54,7 +63,12 @@ def load_quantized(directory: Path, method: str, compute: torch.dtype = torch.fl
             bnb_4bit_use_double_quant=method == "nf4-dq",
             bnb_4bit_compute_dtype=compute,
         )
-    return AutoModelForCausalLM.from_pretrained(directory, quantization_config=config, device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=config, device_map="cpu")
+    if not cpu_inference_path:
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def _randomise(model: nn.Module, seed: int = 3) -> None:
@@ -114,20 +128,79 @@ def test_a_4bit_layer_keeps_no_dense_weight_for_backward_and_matches_float64():
     assert layer.base_layer.support_avx512bf16_for_cpu is False  # one weight layout, eval or not
 
 
+def formula_float64(packed: torch.Tensor, absmax: torch.Tensor, quant_type: str, shape, blocksize: int) -> torch.Tensor:
+    """4-bit dequantization from its definition, in float64: code[q] * absmax of q's block."""
+    codes = bnb.functional.get_4bit_type(quant_type, device="cpu").double()
+    data = packed.view(torch.uint8).reshape(-1).long()
+    q = torch.stack([data >> 4, data & 0xF], dim=1).reshape(-1)  # the high half holds the first element
+    n = shape[0] * shape[1]
+    return (codes[q[:n]] * absmax.double().repeat_interleave(blocksize)[:n]).reshape(shape)
+
+
+def scales_of(state) -> torch.Tensor:
+    """A 4-bit weight's block scales (dequantized first under double quantization)."""
+    if state.nested:
+        return bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return state.absmax
+
+
 @pytest.mark.parametrize("method", ["nf4", "nf4-dq", "fp4"])
 @pytest.mark.parametrize("into", [torch.float32, torch.bfloat16])
-def test_banded_dequantization_gives_bitsandbytes_values_bit_for_bit(monkeypatch, method, into):
-    """On the CPU the kernels dequantize a 4-bit weight band by band into a reused buffer; each
-    band is bitsandbytes' own dequantization of its blocks, so the whole is dequantize_4bit's."""
+@pytest.mark.parametrize("origin", [torch.float32, torch.bfloat16])
+def test_dequantization_is_the_formula_bit_for_bit_whatever_the_cpu_kernel(monkeypatch, method, into, origin):
+    """On the CPU a 4-bit weight is dequantized band by band into a reused buffer, and every
+    element is code * scale in float32, rounded once to the quantized-from dtype: the float64
+    formula's value on every CPU. 64 and 128 columns hold whole blocks (bitsandbytes' op does a
+    band); 96 and 40 do not (a band of 2 and of 8 rows ends on a block: computed in torch, since
+    bitsandbytes' AVX-512 CPU kernel misreads the scales there)."""
     monkeypatch.setattr(quantized, "DEQUANT_CHUNK", 300)  # many bands
     torch.manual_seed(0)
-    # 96 columns: a band of 2 rows ends on a 64-element block; 40 columns: 8 rows
-    net = nn.Sequential(nn.Linear(96, 50, dtype=torch.bfloat16), nn.Linear(40, 30, dtype=torch.bfloat16))
+    widths = [(96, 50), (40, 30), (64, 24), (128, 40)]
+    net = nn.Sequential(*(nn.Linear(i, o, dtype=origin) for i, o in widths))
     quantize_model(net, method)
     for layer in net:
-        want = Linear4bitKind().dense_weight(layer).to(torch.bfloat16).to(into)
+        state = layer.weight.quant_state
+        formula = formula_float64(layer.weight.data, scales_of(state), state.quant_type, state.shape, state.blocksize)
+        want = formula.float().to(origin).to(into)  # a float32 product is exact: float64 rounds the same
         buffer = torch.full((layer.out_features, layer.in_features), float("nan"), dtype=into)
-        assert torch.equal(dequantize_into(layer, buffer, torch.bfloat16), want)
+        assert torch.equal(dequantize_into(layer, buffer, origin), want), (layer.in_features, layer.out_features)
+        assert torch.equal(Linear4bitKind().dense_weight(layer), formula.float().to(origin))
+
+
+@pytest.mark.parametrize("method", ["nf4", "nf4-dq"])
+def test_a_layer_bitsandbytes_repacked_for_cpu_inference_is_unpacked_when_adapted(dense_dir, method):
+    """A transformers 4-bit model that scored a batch in eval mode on an AVX512-BF16 CPU holds
+    layers bitsandbytes repacked in place (codes reordered, scales rounded to bf16, double
+    quantization undone). The repacking is plain torch, so this test puts the layers in that state
+    on any CPU where scoring did not; inject_lora must undo it and compute from the codes and the
+    bf16 scales (the float64 formula), then keep the layer off that path in eval."""
+    model = load_quantized(dense_dir, method, cpu_inference_path=True)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    codes = {n: m.weight.data.clone() for n, m in layers.items()}
+    scales = {n: scales_of(m.weight.quant_state).float() for n, m in layers.items()}
+    ids = token_ids()
+    with torch.no_grad():
+        model(input_ids=ids)  # repacks every layer on an AVX512-BF16 CPU, none elsewhere
+    pack = private("pack_cpu_4bit")
+    for layer in layers.values():
+        if not getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+            layer.weight.data, layer.weight.quant_state = pack(layer.weight.data, layer.weight.quant_state)
+        assert layer.weight.quant_state.packing_format_for_cpu
+    inject_lora(model, LoRAConfig(r=4, target_modules="all-linear"))
+    for name, layer in lora_layers(model).items():
+        base = layer.base_layer
+        assert not base.weight.quant_state.packing_format_for_cpu and base.support_avx512bf16_for_cpu is False
+        assert torch.equal(base.weight.data, codes[name])  # the codes are back in bitsandbytes' order
+        state = base.weight.quant_state
+        bf16_scales = scales[name].to(torch.bfloat16).double()
+        torch.testing.assert_close(scales_of(state).double(), bf16_scales, rtol=0 if method == "nf4" else 0.02, atol=0)
+        if method == "nf4":  # no re-quantized scales: exact
+            want = formula_float64(codes[name], bf16_scales, state.quant_type, state.shape, state.blocksize)
+            assert torch.equal(layer.base_weight(), want.float()), name
+    with torch.no_grad():
+        train = model(input_ids=ids).logits
+        model.eval()
+        torch.testing.assert_close(model(input_ids=ids).logits, train, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings (Linux)")

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from hydra._internal.core_plugins import basic_sweeper
 from hydra.core.override_parser.types import Override
 
 from lora_lightning.app.study import check_references, study_jobs
+from lora_lightning.private_names import private
+
+BasicSweeper = private("basic_sweeper")  # Hydra's, in hydra._internal: no public sweeper does the grid
 
 
-class StudySweeper(basic_sweeper.BasicSweeper):
+class StudySweeper(BasicSweeper):
     """The basic sweeper's grid (``params`` and command-line sweeps) plus ``references``.
 
     Args:
@@ -35,9 +37,9 @@ class StudySweeper(basic_sweeper.BasicSweeper):
     def split_arguments(  # type: ignore[override]  # the basic sweeper's is static; this one reads self
         self, overrides: list[Override], max_batch_size: int | None
     ) -> list[list[list[str]]]:
-        (grid,) = basic_sweeper.BasicSweeper.split_arguments(overrides, None)
+        (grid,) = BasicSweeper.split_arguments(overrides, None)
         jobs = study_jobs(grid, self.params.keys(), self.references)
-        return list(basic_sweeper.BasicSweeper.split_overrides_to_chunks(jobs, max_batch_size))
+        return list(BasicSweeper.split_overrides_to_chunks(jobs, max_batch_size))
 
 
 __all__ = ["StudySweeper"]

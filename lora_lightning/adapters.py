@@ -162,11 +162,11 @@ def save_adapter(
         task_type=task_type,
         base_model_name_or_path=base_model_name_or_path or _name_or_path(root),
     )
-    if written is not config:  # recorded for readers; PEFT and vLLM load it as the plain LoRA it is
-        data["lora_lightning"] = {"trained_from_init": config.init_lora_weights, "update": "B A - B0 A0, rank 2r"}
     _check_round_trip(root, data, ranks)
-    # PEFT ignores the metadata; we keep our own config there to restore fields PEFT lacks (freeze_A, ...),
-    # and, for PiSSA / OLoRA, the init the adapter was trained from (it loads as plain LoRA on the original base).
+    # adapter_config.json holds PEFT's fields only (PEFT warns "upgrade the PEFT version" at any other).
+    # Our own record is in the weights file's metadata, which PEFT does not read: our config, to restore
+    # fields PEFT lacks (freeze_A, ...), and for PiSSA / OLoRA the init the adapter was trained from (it
+    # loads as the plain rank-2r LoRA B A - B0 A0 on the original base).
     metadata = {"format": "pt", pf.METADATA_CONFIG_KEY: json.dumps(written.to_dict(), sort_keys=True)}
     if written is not config:
         metadata[pf.METADATA_TRAINED_FROM_KEY] = config.init_lora_weights

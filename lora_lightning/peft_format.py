@@ -85,7 +85,7 @@ IGNORED_FIELDS = frozenset(
         "eva_config",
         "corda_config",
         "lora_ga_config",
-        "lora_lightning",  # our own record (a PiSSA / OLoRA adapter written for the original base)
+        "lora_lightning",  # our record in adapters written before 0.1.0 moved it into the weights' metadata
     }
 )
 # init_lora_weights values that only shape the *initial* factors: irrelevant once weights are loaded.

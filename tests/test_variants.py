@@ -4,9 +4,12 @@ through the PEFT file format both ways."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import warnings
 
 import pytest
+import safetensors
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
@@ -214,8 +217,13 @@ def test_pissa_adapter_is_written_for_the_original_base_and_loads_in_peft_and_he
     directory = save_adapter(model, tmp_path / "adapter")
     data = json.loads((directory / "adapter_config.json").read_text())
     assert (data["r"], data["lora_alpha"], data["init_lora_weights"]) == (8, 16, True)
-    assert data["lora_lightning"]["trained_from_init"] == init
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), directory)
+    peft_fields = {field.name for field in dataclasses.fields(LoraConfig)}
+    assert set(data) <= peft_fields, sorted(set(data) - peft_fields)  # PEFT's own fields, nothing of ours
+    with safetensors.safe_open(str(directory / "adapter_model.safetensors"), framework="pt") as file:
+        assert file.metadata()["lora_lightning.trained_from_init"] == init  # our record, where PEFT does not read
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "Unexpected keyword arguments ... upgrade the PEFT version"
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), directory)
     with torch.no_grad():
         torch.testing.assert_close(peft_model(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
     ours = copy.deepcopy(base)

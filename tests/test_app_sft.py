@@ -156,8 +156,10 @@ def test_hf_records_with_a_column_mapping(tmp_path: Path, tokenizer, monkeypatch
     data = _module(source, tokenizer, max_length=64)
     batch = next(iter(data.train_dataloader()))
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
-    with pytest.raises(UsageError, match=r"row 0: no 'prompt' field \(fields found: 'q', 'a'\)"):
+    with pytest.raises(UsageError, match=r"\(columns\): the record matches no record format \('q', 'a'\)"):
         next(HFRecords(path="json", data_files=str(path), val_split=None).examples("train"))
+    with pytest.raises(UsageError, match=r"row 0: no 'prompt' field \(fields found: 'q', 'a'\)"):
+        next(HFRecords(path="json", data_files=str(path), val_split=None, format="prompt_response").examples("train"))
 
 
 def test_stdlib_docstring_pairs(tmp_path: Path) -> None:
@@ -415,13 +417,13 @@ def test_bad_records_name_their_file_and_line(tmp_path: Path, records, fmt: str,
 
 def test_bad_options_and_files(tmp_path: Path, tokenizer) -> None:
     (tmp_path / "broken.jsonl").write_text('{"prompt": "a", "response": "b"}\n{"prompt": \n')
-    with pytest.raises(UsageError, match=r"broken.jsonl' line 2: not valid JSON"):
-        RecordFiles(train=[str(tmp_path / "broken.jsonl")]).check()
+    with pytest.raises(UsageError, match=r"broken.jsonl' line 2 column 12: not valid JSON: expected a JSON value"):
+        RecordFiles(train=[str(tmp_path / "broken.jsonl")], format="prompt_response").check()
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(UsageError, match=r"only .jsonl and .json record files"):
         RecordFiles(train=[str(tmp_path / "notes.txt")]).check()
     with pytest.raises(
-        UsageError, match=r"data.source.format must be one of prompt_response, alpaca, messages, got 'sharegpt'"
+        UsageError, match=r"data.source.format must be one of auto, prompt_response, alpaca, messages, got 'sharegpt'"
     ):
         make_reader("sharegpt")
     with pytest.raises(
@@ -461,3 +463,89 @@ def test_a_role_the_template_does_not_know(tmp_path: Path, tokenizer) -> None:
     )
     with pytest.raises(UsageError, match=r"line 1: the chat template leaves out the 'tool' message"):
         _module(source, silent)
+
+
+# -- the record format, detected -------------------------------------------------------------------
+
+_CHAT = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+_SHAPES = {
+    "messages": {"messages": _CHAT},
+    "alpaca": {"instruction": "2+2?", "input": "", "output": "4"},
+    "prompt_response": {"prompt": "2+2?", "response": "4"},
+}
+
+
+@pytest.mark.parametrize("shape", sorted(_SHAPES))
+def test_the_record_format_is_detected_from_the_records(tmp_path: Path, shape: str, caplog) -> None:
+    path = _records(tmp_path / "data.jsonl", [_SHAPES[shape]] * 3)
+    source = RecordFiles(train=[str(path)], val=[str(path)])
+    with caplog.at_level("INFO"):
+        source.check()
+    assert source.format == shape and source.detected
+    assert f"detected {shape} from the records" in caplog.text
+    assert repr(source).startswith(f"{shape} (detected) records")
+    (example, *_) = source.examples("train")
+    assert example.messages == _CHAT  # every shape reads as the same chat
+    explicit = RecordFiles(train=[str(path)], val=[str(path)], format=shape)
+    assert [e.messages for e in explicit.examples("train")] == [e.messages for e in source.examples("train")]
+    assert not explicit.detected and repr(explicit).startswith(f"{shape} records")
+
+
+def test_the_format_is_in_the_data_summary(tmp_path: Path, tokenizer) -> None:
+    path = _records(tmp_path / "chats.jsonl", [_SHAPES["messages"]] * 4)
+    data = _module(RecordFiles(train=[str(path)], val=[str(path)]), tokenizer, max_length=64)
+    assert (data.summary()["format"], data.summary()["format_detected"]) == ("messages", True)
+
+
+def test_mixed_or_unknown_record_shapes_name_the_formats_and_the_option(tmp_path: Path) -> None:
+    mixed = _records(tmp_path / "mixed.jsonl", [_SHAPES["messages"], _SHAPES["messages"], _SHAPES["alpaca"]])
+    with pytest.raises(
+        UsageError,
+        match=r"mixed.jsonl' line 3 is a alpaca record but .*mixed.jsonl' line 1 is a messages record: "
+        r"the records mix formats; .* set data.source.format",
+    ):
+        RecordFiles(train=[str(mixed)]).check()
+    unknown = _records(tmp_path / "qa.jsonl", [{"question": "2+2?", "answer": "4"}])
+    with pytest.raises(
+        UsageError,
+        match=r"qa.jsonl' line 1: the record matches no record format \('question', 'answer'\); the formats are "
+        r"prompt_response \(prompt, response\); alpaca \(instruction, output\); messages \(messages\): "
+        r"set data.source.format to one of prompt_response, alpaca, messages \(and data.source.fields",
+    ):
+        RecordFiles(train=[str(unknown)]).check()
+    with pytest.raises(UsageError, match=r"data.source.fields names 'prompt', 'output', fields of no format: set"):
+        RecordFiles(train=[str(unknown)], fields={"prompt": "question", "output": "answer"})
+    mapped = RecordFiles(train=[str(unknown)], fields={"prompt": "question", "response": "answer"})
+    mapped.check()  # the fields' names are prompt_response's
+    assert mapped.format == "prompt_response" and not mapped.detected
+    both = _records(tmp_path / "both.jsonl", [{**_SHAPES["alpaca"], **_SHAPES["prompt_response"]}])
+    with pytest.raises(
+        UsageError, match=r"both.jsonl' line 1: the record has the fields of prompt_response and alpaca"
+    ):
+        RecordFiles(train=[str(both)]).check()
+    explicit = RecordFiles(train=[str(both)], format="alpaca")
+    (example,) = explicit.examples("train")  # an explicit format wins
+    assert example.messages == _CHAT
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            '{"prompt": "a, "response": "b"}',
+            r"line 2 column 17: not valid JSON: expected ',' delimiter \(near '\"prompt\": \"a, \"re",
+        ),
+        ('{"prompt": "a", "response": "b}', r"line 2 column 29: not valid JSON: a string opened here is never closed"),
+        ("{'prompt': 'a'}", r"line 2 column 2: not valid JSON: expected property name enclosed in double quotes"),
+        ('{"prompt": "a", "response": "b"} x', r"line 2 column 34: not valid JSON: more after the end of the JSON"),
+    ],
+)
+def test_a_malformed_json_line_names_line_column_and_what_was_expected(tmp_path: Path, line: str, message) -> None:
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n' + line + "\n")
+    with pytest.raises(UsageError, match=message):
+        RecordFiles(train=[str(path)], format="prompt_response").check()
+    whole = tmp_path / "broken.json"
+    whole.write_text('[\n  {"prompt": "a", "response": "b"},\n  {"prompt": "a" "response": "b"}\n]\n')
+    with pytest.raises(UsageError, match=r"broken.json' line 3 column 18: not valid JSON: expected ',' delimiter"):
+        RecordFiles(train=[str(whole)], format="prompt_response").check()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,55 @@ READERS: dict[str, Callable[..., list[Message]]] = {
 }
 
 
+#: ``data.source.format``'s default: the record shape is read off the records themselves
+AUTO = "auto"
+#: the fields that tell each format apart, in the order a message lists them
+SIGNATURES: dict[str, tuple[str, ...]] = {
+    "prompt_response": ("prompt", "response"),
+    "alpaca": ("instruction", "output"),
+    "messages": ("messages",),
+}
+
+
+def _formats_text() -> str:
+    return "; ".join(f"{fmt} ({', '.join(fields)})" for fmt, fields in SIGNATURES.items())
+
+
+def formats_of(record: Any) -> list[str]:
+    """The formats whose distinguishing fields ``record`` has (one, for a well-formed record)."""
+    if not isinstance(record, Mapping):
+        return []
+    return [fmt for fmt, fields in SIGNATURES.items() if all(field in record for field in fields)]
+
+
+def detect_format(records: Iterable[tuple[str, Any]], option: str = "data.source") -> str:
+    """The one format every record has the fields of (``records``: ``(where, record)`` pairs).
+
+    Raises:
+        UsageError: a record matching no format or several, records of different formats, or none.
+    """
+    first: tuple[str, str] | None = None
+    for where, record in records:
+        found = formats_of(record)
+        if len(found) != 1:
+            fields = ", ".join(map(repr, record)) if isinstance(record, Mapping) else type(record).__name__
+            what = f"has the fields of {' and '.join(found)}" if found else f"matches no record format ({fields})"
+            raise UsageError(
+                f"{where}: the record {what}; the formats are {_formats_text()}: "
+                f"set {option}.format to one of {', '.join(SIGNATURES)} (and {option}.fields for other field names)"
+            )
+        if first is None:
+            first = (where, found[0])
+        elif found[0] != first[1]:
+            raise UsageError(
+                f"{where} is a {found[0]} record but {first[0]} is a {first[1]} record: the records mix formats; "
+                f"use one of {', '.join(SIGNATURES)} throughout, or set {option}.format to read them all as one"
+            )
+    if first is None:
+        raise UsageError(f"{option}.format={AUTO}: there are no records to detect the format from")
+    return first[1]
+
+
 def field_names(format: str) -> dict[str, str | None]:
     """The remappable field names of a format and their defaults (the reader's keyword arguments)."""
     parameters = list(inspect.signature(READERS[format]).parameters.values())[2:]
@@ -131,7 +180,7 @@ def make_reader(format: str, fields: Mapping[str, Any] | None = None, option: st
         UsageError: an unknown format, a field the format does not have, a name that is not a string.
     """
     if format not in READERS:
-        raise UsageError(f"{option}.format must be one of {', '.join(READERS)}, got {format!r}")
+        raise UsageError(f"{option}.format must be one of {AUTO}, {', '.join(READERS)}, got {format!r}")
     known = field_names(format)
     for key, value in (fields or {}).items():
         if key not in known:
@@ -158,7 +207,7 @@ def read_file(path: Path) -> Iterator[tuple[str, Any]]:
         try:
             records = json.loads(text)
         except json.JSONDecodeError as err:
-            raise UsageError(f"data file {name} line {err.lineno}: not valid JSON ({err.msg})") from err
+            raise UsageError(f"data file {name} {json_problem(err)}") from err
         if not isinstance(records, list):
             raise UsageError(f"data file {name}: a .json record file must hold a list of objects")
         for index, record in enumerate(records):
@@ -170,5 +219,26 @@ def read_file(path: Path) -> Iterator[tuple[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise UsageError(f"data file {name} line {number}: not valid JSON ({err.msg})") from err
+            raise UsageError(f"data file {name} {json_problem(err, number)}") from err
         yield f"data file {name} line {number}", record
+
+
+_EXPECTED = {
+    "Unterminated string starting at": "a string opened here is never closed: expected a closing '\"' on this line",
+    "Invalid control character at": "a raw control character (a newline or tab) inside a string: expected it escaped",
+    "Extra data": "more after the end of the JSON value: expected one record per line",
+    "Expecting value": "expected a JSON value (an object, string, number, true, false or null)",
+}
+
+
+def json_problem(err: json.JSONDecodeError, line: int | None = None) -> str:
+    """``line L column C: not valid JSON: <what was expected> (near '...')`` for a decoding error.
+
+    ``line`` is the file's line number when ``err`` comes from decoding that one line (.jsonl).
+    """
+    expected = _EXPECTED.get(err.msg)
+    if expected is None:
+        expected = "expected " + err.msg.removeprefix("Expecting ") if err.msg.startswith("Expecting ") else err.msg
+    text = err.doc.splitlines()[err.lineno - 1] if err.doc.splitlines() else ""
+    near = text[max(0, err.colno - 16) : err.colno + 15]
+    return f"line {line or err.lineno} column {err.colno}: not valid JSON: {expected} (near {near!r})"

@@ -236,6 +236,8 @@ class SupervisedDataModule(L.LightningDataModule):
     def summary(self) -> dict[str, Any]:
         """What summary.json records about the data: the length policy and the counts per split."""
         return {
+            "format": getattr(self.source, "format", "messages"),  # record shape (built chats: messages)
+            "format_detected": bool(getattr(self.source, "detected", False)),
             "max_length": self.max_length,
             "truncation": self.truncation,
             "train_on_prompt": self.train_on_prompt,

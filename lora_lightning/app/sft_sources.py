@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import ast
 import inspect
+import logging
 import textwrap
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from lora_lightning.app.errors import UsageError
-from lora_lightning.app.records import Example, make_reader, read_file
+from lora_lightning.app.records import (
+    AUTO,
+    READERS,
+    Example,
+    Reader,
+    detect_format,
+    field_names,
+    make_reader,
+    read_file,
+)
 from lora_lightning.app.sources import (
     HFDataset,
     LocalFiles,
@@ -23,6 +33,8 @@ from lora_lightning.app.sources import (
     StdlibCode,
     require_datasets,
 )
+
+log = logging.getLogger(__name__)
 
 
 class RecordFiles:
@@ -32,8 +44,10 @@ class RecordFiles:
         train: files or glob patterns for training.
         val: files or patterns for validation; None holds out ``val_fraction`` of the train records.
         val_fraction: share of records held out when ``val`` is None.
-        format: the record shape: ``prompt_response``, ``alpaca`` or ``messages``.
-        fields: field names that differ from the format's (``{prompt: question, response: answer}``).
+        format: the record shape: ``auto`` (detected from the records), ``prompt_response``,
+            ``alpaca`` or ``messages``.
+        fields: field names that differ from the format's (``{prompt: question, response: answer}``);
+            under ``auto`` they tell the format (each field belongs to one).
     """
 
     def __init__(
@@ -41,12 +55,22 @@ class RecordFiles:
         train: Sequence[str] | str,
         val: Sequence[str] | str | None = None,
         val_fraction: float = 0.1,
-        format: str = "prompt_response",
+        format: str = AUTO,
         fields: Mapping[str, Any] | None = None,
     ) -> None:
         self.files = LocalFiles(train, val, val_fraction, ".jsonl or .json")
-        self.format = format
-        self.reader = make_reader(format, fields)
+        self.format = _format_of_fields(format, fields)
+        self.detected = self.format == AUTO
+        self._reader = None if self.detected else make_reader(self.format, fields)
+
+    @property
+    def reader(self) -> Reader:
+        """The reader of the format, detected from every record of every file on first use."""
+        if self._reader is None:
+            self.format = detect_format(record for path in self.files.all for record in read_file(path))
+            log.info("data.source.format: detected %s from the records", self.format)
+            self._reader = make_reader(self.format)
+        return self._reader
 
     def check(self) -> None:
         """Every record of every file has what the format needs (the first problem, with its line)."""
@@ -55,46 +79,70 @@ class RecordFiles:
                 pass
 
     def _examples(self, path: Path) -> Iterator[Example]:
+        reader = self.reader
         for where, record in read_file(path):
-            yield Example(where, self.reader(record, where))
+            yield Example(where, reader(record, where))
 
     def examples(self, split: Split) -> Iterator[Example]:
         return self.files.items(split, self._examples)
 
     def __repr__(self) -> str:
-        return f"{self.format} records ({self.files!r} files)"
+        return f"{_format_note(self.format, self.detected)} records ({self.files!r} files)"
 
 
 class HFRecords:
     """Records from a ``datasets`` dataset (``data=hf_sft``); ``fields`` maps the format's fields to columns.
 
     Args:
-        format: the record shape: ``prompt_response``, ``alpaca`` or ``messages``.
-        fields: column names that differ from the format's field names.
+        format: the record shape: ``auto`` (detected from the dataset's columns),
+            ``prompt_response``, ``alpaca`` or ``messages``.
+        fields: column names that differ from the format's field names (under ``auto`` they tell the format).
         **dataset: which dataset and splits: ``path``, ``name``, ``data_files``, ``train_split``,
             ``val_split``, ``val_fraction``, ``revision``, as for ``data=hf_dataset``
             (:class:`~lora_lightning.app.sources.HFDataset`, which loads the rows).
     """
 
-    def __init__(
-        self, format: str = "prompt_response", fields: Mapping[str, Any] | None = None, **dataset: Any
-    ) -> None:
+    def __init__(self, format: str = AUTO, fields: Mapping[str, Any] | None = None, **dataset: Any) -> None:
         self.data = HFDataset(**dataset)
-        self.format = format
-        self.reader = make_reader(format, fields)
+        self.format = _format_of_fields(format, fields)
+        self.detected = self.format == AUTO
+        self._reader = None if self.detected else make_reader(self.format, fields)
 
     def check(self) -> None:
         require_datasets("hf_sft")
 
     def examples(self, split: Split) -> Iterator[Example]:
         rows = self.data.load(split)
+        if self._reader is None:  # a dataset's rows all have its columns: detect from those
+            columns = dict.fromkeys(rows.column_names)
+            self.format = detect_format([(f"{self.data!r} (columns)", columns)])
+            log.info("data.source.format: detected %s from the dataset's columns", self.format)
+            self._reader = make_reader(self.format)
         for index, row in enumerate(rows):
             if self.data.in_split(index, split):
                 where = f"{self.data!r} split {rows.split} row {index}"
-                yield Example(where, self.reader(row, where))
+                yield Example(where, self._reader(row, where))
 
     def __repr__(self) -> str:
-        return f"{self.format} records from {self.data!r}"
+        return f"{_format_note(self.format, self.detected)} records from {self.data!r}"
+
+
+def _format_of_fields(format: str, fields: Mapping[str, Any] | None) -> str:
+    """``format``; under ``auto`` with ``fields`` given, the one format those field names belong to."""
+    if format != AUTO or not fields:
+        return format
+    owners = [fmt for fmt in READERS if set(fields) <= set(field_names(fmt))]
+    if len(owners) != 1:
+        raise UsageError(
+            f"data.source.fields names {', '.join(map(repr, fields))}, "
+            f"fields of {' and '.join(owners) or 'no format'}: "
+            f"set data.source.format to one of {', '.join(READERS)}"
+        )
+    return owners[0]
+
+
+def _format_note(format: str, detected: bool) -> str:
+    return f"{format} (detected)" if detected and format != AUTO else format
 
 
 Direction = Literal["code_to_doc", "doc_to_code"]

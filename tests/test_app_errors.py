@@ -27,8 +27,16 @@ CASES = {
         ["/nonexistent/notes.txt", "cannot read data file"],
     ),
     "malformed jsonl": (["data=text_files", "data.source.train=[{bad}]"], ["line 2", "'text'"]),
+    "malformed sft json line": (
+        ["data=sft_jsonl", "data.source.train=[{broken}]"],
+        ["broken.jsonl' line 2 column 17: not valid JSON: expected ',' delimiter (near"],
+    ),
+    "sft records of no format": (
+        ["data=sft_jsonl", "data.source.train=[{bad}]"],
+        ["bad.jsonl' line 1: the record matches no record format ('text')", "set data.source.format"],
+    ),
     "sft record without a field": (
-        ["data=sft_jsonl", "data.source.train=[{bad_sft}]"],
+        ["data=sft_jsonl", "data.source.train=[{bad_sft}]", "data.source.format=prompt_response"],
         ["bad_sft.jsonl' line 2", "no 'response' field (fields found: 'prompt', 'answer')"],
     ),
     "sft empty response": (
@@ -37,7 +45,7 @@ CASES = {
     ),
     "sft unknown format": (
         ["data=sft_jsonl", "data.source.train=[{bad_sft}]", "data.source.format=sharegpt"],
-        ["data.source.format must be one of prompt_response, alpaca, messages, got 'sharegpt'"],
+        ["data.source.format must be one of auto, prompt_response, alpaca, messages, got 'sharegpt'"],
     ),
     "bad override key": (["lora.rank=4"], ["lora.rank"]),
     "unknown monitor": (["monitor=val/acc"], ["monitor must be one of val/loss, val/ppl", "val/acc"]),
@@ -68,23 +76,34 @@ def test_bad_input_one_line_no_output(tmp_path: Path) -> None:
     bad.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
     bad_sft = tmp_path / "bad_sft.jsonl"
     bad_sft.write_text('{"prompt": "a", "response": "b", "answer": " "}\n{"prompt": "c", "answer": "d"}\n')
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a, "response": "b"}\n')
     cache = tmp_path / "cache"
     env = {**app_env(cache), "OMP_NUM_THREADS": "1"}
     procs = {}
     for name, (overrides, _) in CASES.items():  # all at once: each fails within its startup time
-        run_dir = tmp_path / name.replace(" ", "_")
-        args = [o.replace("{bad}", str(bad)).replace("{bad_sft}", str(bad_sft)) for o in overrides]
-        args.append(f"hydra.run.dir={run_dir}")
-        procs[name] = (start_cli(args, cache, tmp_path, env=env), run_dir)
+        # each command in an empty directory of its own, with Hydra's default outputs/<date>/<time>
+        run_dir = tmp_path / "runs" / name.replace(" ", "_")
+        run_dir.mkdir(parents=True)
+        args = [
+            o.replace("{bad}", str(bad)).replace("{bad_sft}", str(bad_sft)).replace("{broken}", str(broken))
+            for o in overrides
+        ]
+        procs[name] = (start_cli(args, cache, run_dir, env=env), run_dir)
+    nested = tmp_path / "mine" / "runs" / "first"  # a run dir whose parents Hydra creates too
+    procs["nested run dir"] = (start_cli(["lora.r=0", f"hydra.run.dir={nested}"], cache, tmp_path, env=env), nested)
     for name, (proc, run_dir) in procs.items():
         stdout, stderr = proc.communicate(timeout=300)
         lines = [line for line in stderr.splitlines() if line.strip()]
         assert proc.returncode != 0, f"{name}: exit 0\n{stdout[-2000:]}"
         assert len(lines) == 1, f"{name}: expected one line on stderr, got:\n{stderr}"
         assert lines[0].startswith("lora-lightning: error: "), f"{name}: {lines[0]}"
-        for word in CASES[name][1]:
+        for word in CASES.get(name, ((), ["r must be a positive integer"]))[1]:
             assert word in lines[0], f"{name}: {word!r} not in {lines[0]!r}"
-        assert not run_dir.exists(), f"{name}: left {sorted(p.name for p in run_dir.rglob('*'))}"
+        if name == "nested run dir":
+            assert not (tmp_path / "mine").exists(), f"{name}: left {sorted(tmp_path.joinpath('mine').rglob('*'))}"
+        else:  # the directory the command ran in stays, empty
+            assert run_dir.is_dir() and not any(run_dir.iterdir()), f"{name}: left {sorted(run_dir.rglob('*'))}"
     assert not cache.exists() or not any(cache.iterdir()), "no base model may be built for a bad input"
 
 

@@ -8,6 +8,7 @@ problem instead, and keeps the full trace for ``HYDRA_FULL_ERROR=1``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -90,8 +91,36 @@ def remove_job_bookkeeping(output_dir: Path) -> None:
         os.truncate(log, before)  # Hydra appends: an earlier run's log in this directory stays
     else:
         log.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
+    try:
         output_dir.rmdir()  # only succeeds when empty
+    except OSError:
+        return
+    _remove_empty_parents(output_dir)
+
+
+def _remove_empty_parents(directory: Path) -> None:
+    """Take back the parents Hydra made for a run dir (``outputs/<date>/``) that are left empty.
+
+    Stops at the first parent that holds anything else, and never removes the directory the
+    command was started in, any directory above it, or the home directory.
+    """
+    launched = _launch_dir()
+    stops = {launched, *launched.parents, Path.home().resolve()}
+    for parent in directory.resolve().parents:
+        if parent in stops:
+            return
+        try:
+            parent.rmdir()
+        except OSError:  # not empty (or not ours to remove)
+            return
+
+
+def _launch_dir() -> Path:
+    """The directory the command was started in (Hydra's ``runtime.cwd``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    cwd = HydraConfig.get().runtime.cwd if HydraConfig.initialized() else os.getcwd()
+    return Path(cwd).resolve()
 
 
 # Size of the job log when the job started, by output dir: a job rerun into an existing run
@@ -135,3 +164,24 @@ def user_errors(output_dir: Path | None) -> Iterator[None]:
         if full_error_requested():
             raise
         raise UsageExit(describe(error)) from error
+
+
+_EXPECTED = {
+    "Unterminated string starting at": "a string opened here is never closed: expected a closing '\"' on this line",
+    "Invalid control character at": "a raw control character (a newline or tab) inside a string: expected it escaped",
+    "Extra data": "more after the end of the JSON value: expected one record per line",
+    "Expecting value": "expected a JSON value (an object, string, number, true, false or null)",
+}
+
+
+def json_problem(err: json.JSONDecodeError, line: int | None = None) -> str:
+    """``line L column C: not valid JSON: <what was expected> (near '...')`` for a decoding error.
+
+    ``line`` is the file's line number when ``err`` comes from decoding that one line (.jsonl).
+    """
+    expected = _EXPECTED.get(err.msg)
+    if expected is None:
+        expected = "expected " + err.msg.removeprefix("Expecting ") if err.msg.startswith("Expecting ") else err.msg
+    text = err.doc.splitlines()[err.lineno - 1] if err.doc.splitlines() else ""
+    near = text[max(0, err.colno - 16) : err.colno + 15]
+    return f"line {line or err.lineno} column {err.colno}: not valid JSON: {expected} (near {near!r})"

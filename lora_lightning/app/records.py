@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_lightning.app.errors import UsageError
+from lora_lightning.app.errors import UsageError, json_problem
 
 Message = dict[str, str]
 Reader = Callable[[Any, str], list[Message]]
@@ -221,24 +221,3 @@ def read_file(path: Path) -> Iterator[tuple[str, Any]]:
         except json.JSONDecodeError as err:
             raise UsageError(f"data file {name} {json_problem(err, number)}") from err
         yield f"data file {name} line {number}", record
-
-
-_EXPECTED = {
-    "Unterminated string starting at": "a string opened here is never closed: expected a closing '\"' on this line",
-    "Invalid control character at": "a raw control character (a newline or tab) inside a string: expected it escaped",
-    "Extra data": "more after the end of the JSON value: expected one record per line",
-    "Expecting value": "expected a JSON value (an object, string, number, true, false or null)",
-}
-
-
-def json_problem(err: json.JSONDecodeError, line: int | None = None) -> str:
-    """``line L column C: not valid JSON: <what was expected> (near '...')`` for a decoding error.
-
-    ``line`` is the file's line number when ``err`` comes from decoding that one line (.jsonl).
-    """
-    expected = _EXPECTED.get(err.msg)
-    if expected is None:
-        expected = "expected " + err.msg.removeprefix("Expecting ") if err.msg.startswith("Expecting ") else err.msg
-    text = err.doc.splitlines()[err.lineno - 1] if err.doc.splitlines() else ""
-    near = text[max(0, err.colno - 16) : err.colno + 15]
-    return f"line {line or err.lineno} column {err.colno}: not valid JSON: {expected} (near {near!r})"

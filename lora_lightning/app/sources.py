@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from lora_lightning.app.errors import UsageError
+from lora_lightning.app.errors import UsageError, json_problem
 
 Split = Literal["train", "val"]
 T = TypeVar("T")
@@ -222,8 +222,11 @@ class TextFiles:
                     continue
                 try:
                     record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UsageError(f"data file {str(path)!r} {json_problem(err, number)}") from err
+                try:
                     text = record[self.text_field]
-                except (json.JSONDecodeError, KeyError, TypeError) as err:
+                except (KeyError, TypeError) as err:
                     raise UsageError(
                         f"data file {str(path)!r} line {number}: expected a JSON object with a string "
                         f"{self.text_field!r} field ({err})"

@@ -80,6 +80,8 @@ class LoRACallback(pl.Callback):
         quantize: "nf4", "nf4-dq", "fp4" or "int8": quantize the base's linear layers with
             bitsandbytes at setup, before the adapters are created (QLoRA for any module); the
             output head, embeddings and ``modules_to_save`` stay in full precision.
+        full_report: the table printed at fit start has one row per adapted module; by default
+            one per role across layers (``model.layers.*.mlp.up_proj (x32)``).
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class LoRACallback(pl.Callback):
         share_inputs: bool = False,
         allow_empty_optimizers: bool = False,
         quantize: Literal["nf4", "nf4-dq", "fp4", "int8"] | None = None,
+        full_report: bool = False,
     ) -> None:
         arguments = locals()
         fields = {f.name: arguments[f.name] for f in dataclasses.fields(LoRAConfig) if arguments[f.name] is not None}
@@ -125,7 +128,7 @@ class LoRACallback(pl.Callback):
             raise ValueError(f"lr_ratio_B must be a positive number, got {lr_ratio_B!r}")
         if module is not None and (not isinstance(module, str) or not module):
             raise ValueError(f"module must be a dotted submodule path such as 'model', or None, got {module!r}")
-        for flag in ("merge_on_fit_end", "share_inputs", "allow_empty_optimizers"):
+        for flag in ("merge_on_fit_end", "share_inputs", "allow_empty_optimizers", "full_report"):
             if not isinstance(arguments[flag], bool):
                 raise TypeError(f"{flag} must be True or False, got {arguments[flag]!r}")
         if quantize is not None and quantize not in QUANT_METHODS:
@@ -141,6 +144,7 @@ class LoRACallback(pl.Callback):
         self.share_inputs = share_inputs
         self.allow_empty_optimizers = allow_empty_optimizers
         self.quantize = quantize
+        self.full_report = full_report
 
         self.report: LoRAReport | None = None
         self.merge_fidelity: MergeFidelity | None = None  # how much of the update the fit-end merge kept
@@ -298,7 +302,7 @@ class LoRACallback(pl.Callback):
         if self.report is None:
             return
         if trainer.is_global_zero:
-            print_report(self.report)
+            print_report(self.report, full=self.full_report)
         for logger in trainer.loggers:
             extra = {"lora/lr_ratio_B": self.lr_ratio_B, "lora/quantize": self.quantize or "none"}
             logger.log_hyperparams({**self.report.hparams(), **extra})

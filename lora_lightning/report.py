@@ -60,10 +60,10 @@ class LoRAReport:
     def adapter_params(self) -> int:
         return sum(m.num_params for m in self.modules)
 
-    def rows(self, max_rows: int = 40) -> list[tuple[str, str, str, str, str]]:
-        """(module, type, in, out, r) per adapted module; past ``max_rows`` modules that differ
-        only in block index collapse into one row (``model.layers.*.mlp.up_proj (x32)``)."""
-        if len(self.modules) <= max_rows:
+    def rows(self, full: bool = False) -> list[tuple[str, str, str, str, str]]:
+        """(module, type, in, out, r): one row per role across layers (modules that differ only in
+        block index, ``model.layers.*.mlp.up_proj (x32)``), or with ``full`` one per adapted module."""
+        if full:
             return [(m.name, m.kind, str(m.in_features), str(m.out_features), str(m.r)) for m in self.modules]
         groups: dict[tuple[str, str, int, int, int], int] = {}
         for m in self.modules:
@@ -74,9 +74,9 @@ class LoRAReport:
             for (name, kind, i, o, r), count in groups.items()
         ]
 
-    def table(self, max_rows: int = 40) -> str:
+    def table(self, full: bool = False) -> str:
         """A plain-text table of adapted modules (name, type, in, out, r); see :meth:`rows`."""
-        rows = self.rows(max_rows)
+        rows = self.rows(full)
         header = ("module", "type", "in", "out", "r")
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in [header, *rows]]

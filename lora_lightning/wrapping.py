@@ -104,15 +104,16 @@ def fsdp_root(trainer: pl.Trainer) -> nn.Module | None:
     return trainer.strategy.model if isinstance(trainer.strategy, FSDPStrategy) else None
 
 
-def print_report(report: LoRAReport) -> None:
-    """The adapted-module table and PEFT's counts line, as a rich table."""
+def print_report(report: LoRAReport, full: bool = False) -> None:
+    """The adapted-module table (a row per role across layers; per module with ``full``) and
+    PEFT's counts line, as a rich table."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="LoRA adapters", title_justify="left")
     for column, justify in (("module", "left"), ("type", "left"), ("in", "right"), ("out", "right"), ("r", "right")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for row in report.rows():
+    for row in report.rows(full):
         table.add_row(*row)
     console = Console()
     console.print(table)

@@ -72,14 +72,23 @@ def app_env(cache_dir: Path) -> dict[str, str]:
 
 
 def run_cli(
-    args: list[str], cache_dir: Path, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+    args: list[str],
+    cache_dir: Path,
+    cwd: Path,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    one_stream: bool = False,
 ) -> subprocess.CompletedProcess:
-    """``python -m lora_lightning ARGS`` in ``cwd``, as a user would run it."""
+    """``python -m lora_lightning ARGS`` in ``cwd``, as a user would run it.
+
+    ``one_stream``: stderr goes into stdout, in the order a terminal shows them (``stderr`` is None).
+    """
     return subprocess.run(
         [sys.executable, "-m", "lora_lightning", *args],
         cwd=cwd,
         env=env or app_env(cache_dir),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if one_stream else subprocess.PIPE,
         text=True,
         timeout=timeout,
     )
@@ -100,7 +109,11 @@ def start_cli(args: list[str], cache_dir: Path, cwd: Path, env: dict[str, str] |
 def read_summary(output_dir: Path) -> dict[str, Any]:
     lines = (output_dir / "summary.json").read_text().splitlines()
     assert len(lines) == 1, f"summary.json must be one line, has {len(lines)}"
-    return json.loads(lines[0])
+    summary = json.loads(lines[0])
+    if summary.get("status") == "ok":  # every path a finished job lists is there
+        missing = {key: path for key, path in summary["paths"].items() if path is not None and not Path(path).exists()}
+        assert not missing, f"summary.json lists paths that do not exist: {missing}"
+    return summary
 
 
 # -- offline W&B runs ------------------------------------------------------------------------------

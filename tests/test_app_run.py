@@ -49,14 +49,25 @@ def default_job_run(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     env = app_env(cache_dir)
     env.pop("WANDB_SILENT")
     args = [*TINY_LLAMA, *SHORT, "trainer.enable_progress_bar=true", "logger.log_model=true", f"hydra.run.dir={out}"]
-    proc = run_cli(args, cache_dir, cwd=work, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout + proc.stderr
+    env["PYTHONUNBUFFERED"] = "1"  # what reaches the terminal, in the order it does
+    proc = run_cli(args, cache_dir, cwd=work, env=env, one_stream=True)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    return out, proc.stdout
 
 
 @pytest.fixture(scope="module")
 def default_job(default_job_run: tuple[Path, str]) -> Path:
     return default_job_run[0]
+
+
+def test_the_recap_is_the_last_thing_a_run_prints(default_job_run: tuple[Path, str]) -> None:
+    """W&B's footer (run history, summary, sync hint) comes before the recap, not after it."""
+    _, printed = default_job_run
+    assert "wandb" in printed  # the premise: W&B did print (offline, not silenced)
+    done = printed.rindex("lora-lightning: done")
+    assert "wandb" not in printed[done:], printed[done:]
+    # the adapter table: one row per role across the 2 layers, not one per module
+    assert "model.layers.*.self_attn.q_proj (x2)" in printed and "model.layers.0.self_attn.q_proj" not in printed
 
 
 def test_default_job_is_quiet_and_counts_steps(default_job_run: tuple[Path, str]) -> None:

@@ -190,7 +190,14 @@ def test_logs_config_and_counts_to_every_logger_and_prints_the_table(tmp_path, c
     metrics = (Path(logger.log_dir) / "metrics.csv").read_text()
     assert "lora/trainable_params" in metrics and "1792.0" in metrics
     printed = capsys.readouterr().out
-    assert "model.layers.1.self_attn.v_proj" in printed and "trainable params: 1,792 || all params: 92,224" in printed
+    assert (
+        "model.layers.*.self_attn.v_proj (x2)" in printed and "trainable params: 1,792 || all params: 92,224" in printed
+    )
+    assert "model.layers.1.self_attn.v_proj" not in printed  # a row per role across layers
+    full = LoRACallback(r=4, alpha=8, target_modules=["q_proj", "v_proj"], module="model", full_report=True)
+    _trainer(tmp_path / "full", [full], max_steps=1).fit(CausalLM(), token_data())
+    printed = capsys.readouterr().out
+    assert "model.layers.0.self_attn.v_proj" in printed and "model.layers.1.self_attn.v_proj" in printed
 
 
 def test_fit_end_exports_peft_adapter_and_merged_model_with_tokenizer(tmp_path):

@@ -98,8 +98,16 @@ def test_all_linear_skips_output_head_and_report_lists_modules():
         64,
         4,
     )
-    last_row = report.table().splitlines()[-1].split()
+    last_row = report.table(full=True).splitlines()[-1].split()
     assert last_row == ["model.layers.1.mlp.down_proj", "Linear", "128", "64", "4"]
+    assert report.table().splitlines()[-1].split() == [
+        "model.layers.*.mlp.down_proj",
+        "(x2)",
+        "Linear",
+        "128",
+        "64",
+        "4",
+    ]
     assert report.adapter_params == report.params.trainable
 
 
@@ -139,12 +147,15 @@ def test_a_list_entry_that_names_no_module_is_an_error_with_the_nearest_names():
     assert {m.name.rsplit(".", 1)[-1] for m in report.modules} == {"v_proj"}
 
 
-def test_large_reports_group_modules_by_block_index():
+def test_reports_group_modules_by_role_across_layers():
     model = tiny_llama(layers=8)
-    report = inject_lora(model, LoRAConfig(r=4, target_modules="all-linear"))
-    assert len(report.modules) == 56 and len(report.rows()) == 7
+    report = inject_lora(model, LoRAConfig(r=4, target_modules="all-linear", rank_pattern={"layers.7.mlp.up_proj": 2}))
+    assert len(report.modules) == 56 and len(report.rows()) == 8  # up_proj of layer 7 has its own rank: own row
     assert report.rows()[0] == ("model.layers.*.self_attn.q_proj (x8)", "Linear", "64", "64", "4")
-    assert len(report.rows(max_rows=100)) == 56
+    assert ("model.layers.*.mlp.up_proj (x7)", "Linear", "64", "128", "4") in report.rows()
+    assert ("model.layers.*.mlp.up_proj", "Linear", "64", "128", "2") in report.rows()
+    assert sum(int(n.rsplit("(x", 1)[1][:-1]) if "(x" in n else 1 for n, *_ in report.rows()) == 56
+    assert len(report.rows(full=True)) == 56
     assert "model.layers.*.mlp.down_proj (x8)" in report.table()
 
 

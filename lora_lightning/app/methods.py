@@ -141,6 +141,7 @@ def build_method(cfg: DictConfig, lora_config: LoRAConfig, loaded: Any, output_d
         tokenizer=loaded.tokenizer,
         base_model_name_or_path=loaded.name_or_path,
         share_inputs=cfg.share_inputs,
+        full_report=bool(cfg.get("verbose", False)),  # verbose=true: a row per adapted module
     )
     targets = OmegaConf.to_object(cfg.lora).get("targets")  # the role, or the explicit list
     return Method(name, callback, lora_config, targets)

@@ -216,7 +216,8 @@ def _run(cfg: DictConfig, output_dir: Path, start: float) -> float:
                 "output_dir": str(output_dir),
                 "config": str(output_dir / CONFIG_FILE),
                 "summary": str(output_dir / SUMMARY_FILE),
-                "checkpoints": str(output_dir / "checkpoints") if cfg.checkpoint.enabled else None,
+                # None where no checkpoint was written (a run shorter than the checkpoint interval)
+                "checkpoints": str(output_dir / "checkpoints") if (output_dir / "checkpoints").is_dir() else None,
                 **{key: str(path) for key, path in method.export_paths().items()},
             },
         }
@@ -236,9 +237,10 @@ def _run(cfg: DictConfig, output_dir: Path, start: float) -> float:
             log_answers(logger, summary.get("answers"), summary["data_stats"])
             log_results(logger, summary, method.export_paths().get("adapter"), log_model)
             write_summary(output_dir, summary)
-            print_recap(summary)
-            print_answers(summary.get("answers"), summary["data_stats"])
         failed = False
-        return float(after[cfg.monitor])
     finally:
         finish(logger, failed=failed)
+    if trainer.is_global_zero:  # after W&B's footer: the recap is the last thing a run prints
+        print_recap(summary)
+        print_answers(summary.get("answers"), summary["data_stats"])
+    return float(after[cfg.monitor])

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lora_lightning.app.errors import UsageError
@@ -73,7 +73,7 @@ def test_the_config_dir_is_the_checkout_or_the_package() -> None:
         "text_files",
     ]
     assert options("trainer") == ["cpu", "ddp", "default", "fsdp", "gpu"]
-    assert options("logger") == ["csv", "none", "wandb"]
+    assert options("logger") == ["csv", "mlflow", "none", "tensorboard", "wandb"]
     assert options("quant") == ["fp4", "int8", "nf4", "nf4_dq", "none"]
     assert options("method") == ["full", "lora"]
 
@@ -196,11 +196,37 @@ def test_trainer_options_instantiate(name: str, tmp_path: Path) -> None:
 def test_logger_options_instantiate(name: str, tmp_path: Path) -> None:
     cfg = _compose([] if name == "wandb" else [f"logger={name}"], output_dir=tmp_path)  # wandb is the default
     logger = build_logger(cfg.logger, tmp_path, "tiny_llama-r8-qv")
-    expected = {"wandb": WandbLogger, "csv": CSVLogger, "none": type(None)}[name]
+    expected = {
+        "wandb": WandbLogger,
+        "csv": CSVLogger,
+        "none": type(None),
+        "tensorboard": TensorBoardLogger,
+        "mlflow": MLFlowLogger,
+    }[name]
     assert isinstance(logger, expected)
     if name == "wandb":
         assert logger._wandb_init["mode"] == "offline" and logger._wandb_init["name"] == "tiny_llama-r8-qv"
         assert logger._wandb_init["group"] is None  # a single run has no group
+    if name == "tensorboard":  # a single run: <output_dir>/tensorboard/<overrides>, no group directory
+        assert Path(logger.log_dir) == tmp_path / "tensorboard" / "logger=tensorboard"
+    if name == "mlflow":  # the local store in the job's output dir
+        run = logger.experiment.get_run(logger.run_id)
+        assert run.info.run_name == "logger=mlflow" and (tmp_path / "mlflow.db").is_file()
+        logger.finalize("success")
+
+
+@pytest.mark.parametrize(("name", "package"), [("tensorboard", "tensorboard"), ("mlflow", "mlflow")])
+def test_a_logger_whose_package_is_missing_fails_before_any_work(name, package, tmp_path, monkeypatch) -> None:
+    import importlib.util
+
+    from lora_lightning.app.errors import UsageError
+    from lora_lightning.app.tracking import check_logger
+
+    cfg = _compose([f"logger={name}"], output_dir=tmp_path)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda mod, *a: None if mod.startswith(package) else real(mod, *a))
+    with pytest.raises(UsageError, match=rf"logger={name} needs {package}.*pip install 'lora-lightning\[{name}\]'"):
+        check_logger(cfg.logger)
 
 
 @pytest.mark.parametrize("name", LAUNCHERS)

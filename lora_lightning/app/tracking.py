@@ -1,12 +1,17 @@
-"""Experiment tracking: the logger of a job, its W&B group and run name, and closing the run.
+"""Experiment tracking: the logger of a job, its group and run name, and closing the run.
 
-A multirun gets one W&B group (named after its sweep directory) and one run per job named by the
-job's overrides (``rank=r8,targets=qv``), so the W&B UI groups a sweep the way Hydra ran it. Each
-job finishes its run, so the next job in the same process (the basic launcher) starts a fresh one.
+A multirun gets one group (named after its sweep directory) and one run per job named by the
+job's overrides (``rank=r8,targets=qv``), so a tracker groups a sweep the way Hydra ran it:
+W&B's ``group``; TensorBoard's run directories ``<sweep_dir>/tensorboard/<group>/<run>``; an
+MLflow tag ``group`` on runs that share the sweep's store. Each job finishes its run, so the next
+job in the same process (the basic launcher) starts a fresh one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from lora_lightning.app.errors import UsageError
 
 WANDB_MODES = ("offline", "online", "disabled")
+MLFLOW_DB = "mlflow.db"  # logger=mlflow's local store, in the job's output dir (a multirun: the sweep dir)
 
 
 def sweep_group(sweep_dir: str | Path) -> str:
@@ -38,12 +44,69 @@ def job_identity(default_name: str) -> tuple[str | None, str]:
     return group, name
 
 
+# The package each logger needs, and the extra that installs it.
+_NEEDS = {
+    "TensorBoardLogger": (("tensorboard", "tensorboardX"), "tensorboard"),
+    "MLFlowLogger": (("mlflow",), "mlflow"),
+}
+
+
+def _kind(logger_cfg: Any) -> str:
+    """The logger class's name (``WandbLogger``, ``TensorBoardLogger``, ...), "" for none."""
+    return str(logger_cfg.get("_target_") or "").rpartition(".")[2] if logger_cfg else ""
+
+
+def swept_name(name: str) -> str:
+    """A short run name for directories: in a multirun, only the overrides this job does not share
+    with the whole sweep (``logger=tensorboard,rank=r4``); ``name`` otherwise. At most 150 characters."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        recorded = Path(hydra_cfg.sweep.dir) / "multirun.yaml"  # Hydra's record of the sweep's command line
+        if recorded.is_file():
+            # keys the command line set to one value for every job (not a sweep: no list, no range(...))
+            shared = {
+                _override_key(o)
+                for o in OmegaConf.load(recorded).hydra.overrides.task
+                if not re.search(r",|\w\(", o.split("=", 1)[-1])
+            }
+            own = [o for o in hydra_cfg.overrides.task if _override_key(o) not in shared]
+            name = ",".join(own) or name
+    if len(name) > 150:  # a file name is at most 255 bytes
+        name = f"{name[:140]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def check_logger(logger_cfg: DictConfig | None) -> None:
     """The logger settings a user can get wrong, checked before any work starts."""
-    if logger_cfg and str(logger_cfg.get("_target_", "")).endswith("WandbLogger"):
+    kind = _kind(logger_cfg)
+    if kind == "WandbLogger":
         mode = logger_cfg.get("mode", "offline")
         if mode not in WANDB_MODES:
             raise UsageError(f"logger.mode must be one of {', '.join(WANDB_MODES)}, got {mode!r}")
+    if kind in _NEEDS:
+        modules, extra = _NEEDS[kind]
+        if not any(importlib.util.find_spec(module) for module in modules):
+            raise UsageError(
+                f"logger={extra} needs {' or '.join(modules)}, which is not installed: "
+                f"pip install 'lora-lightning[{extra}]'"
+            )
+
+
+def _tracking_root(output_dir: Path) -> Path:
+    """Where a job's local tracking files go: the sweep dir for a multirun (one store for the
+    sweep), else the job's output dir."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    return Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else output_dir
 
 
 def build_logger(logger_cfg: DictConfig | None, output_dir: Path, default_name: str) -> Logger | None:
@@ -68,6 +131,24 @@ def build_logger(logger_cfg: DictConfig | None, output_dir: Path, default_name: 
         )
         _drop_dead_wandb_settings(logger)
         return logger
+    if _kind(logger_cfg) == "TensorBoardLogger":
+        save_dir = Path(logger_cfg.get("save_dir") or _tracking_root(output_dir)) / "tensorboard"
+        keys = [key for key in logger_cfg if key != "log_model"]  # no artifacts in TensorBoard
+        return instantiate(
+            OmegaConf.masked_copy(logger_cfg, keys),
+            save_dir=str(save_dir),
+            name=logger_cfg.get("name") or group or "",
+            version=logger_cfg.get("version") or swept_name(name),
+        )
+    if _kind(logger_cfg) == "MLFlowLogger":
+        store: dict[str, Any] = {"tracking_uri": logger_cfg.get("tracking_uri")}
+        if store["tracking_uri"] is None:  # a local SQLite store (MLflow 3 retired the plain file store)
+            root = _tracking_root(output_dir)
+            root.mkdir(parents=True, exist_ok=True)
+            store = {"tracking_uri": f"sqlite:///{root / MLFLOW_DB}", "artifact_location": str(root / "mlartifacts")}
+        tags = {**(logger_cfg.get("tags") or {}), **({"group": group} if group else {})}
+        # log_model here would log Lightning checkpoints; the app logs the exported adapter itself.
+        return instantiate(logger_cfg, run_name=logger_cfg.get("run_name") or name, tags=tags, log_model=False, **store)
     return instantiate(logger_cfg)
 
 
@@ -84,7 +165,12 @@ def log_run_config(logger: Logger | None, cfg: DictConfig) -> None:
     if logger is None:
         return
     container = dict(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
-    logger.log_hyperparams({key: value for key, value in container.items() if key != "hydra"})
+    config = {key: value for key, value in container.items() if key != "hydra"}
+    if _kind_of(logger) == "MLFlowLogger":
+        # MLflow flattens nested params with "/" and never lets a param change: the job's lora.targets
+        # (a role) would be lora/targets, which the callback logs resolved. The job config goes under config/.
+        config = {"config": config}
+    logger.log_hyperparams(config)
 
 
 def log_results(logger: Logger | None, summary: dict[str, Any], adapter_dir: Path | None, log_model: bool) -> None:
@@ -114,7 +200,13 @@ def log_results(logger: Logger | None, summary: dict[str, Any], adapter_dir: Pat
             artifact = wandb.Artifact(f"adapter-{run.id}", type="model", metadata={"lora": summary["lora"]})
             artifact.add_dir(str(adapter_dir))
             run.log_artifact(artifact, aliases=["latest"])
+    elif _kind_of(logger) == "MLFlowLogger" and log_model and adapter_dir is not None and adapter_dir.is_dir():
+        logger.experiment.log_artifacts(logger.run_id, str(adapter_dir), artifact_path="adapter")
     logger.save()
+
+
+def _kind_of(logger: Logger) -> str:
+    return type(logger).__name__
 
 
 def finish(logger: Logger | None, failed: bool = False) -> None:

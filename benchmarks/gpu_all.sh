@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The one GPU call: 1b and 8b step tables (LoRA, grouped LoRA, DoRA against the floor and PEFT),
-# the bf16 check, merge/layer/group timing, the Lightning row; then, when the bitsandbytes wheel
-# is carried, Lightning's BitsandbytesPrecision test and QLoRA at the Llama-3-8B shape against
-# PEFT + bitsandbytes. About 8-9 minutes on one H200 (PyTorch 2.11, transformers, peft,
+# The one GPU call: 1b and 8b step tables (LoRA and DoRA against the floor and PEFT), the bf16
+# check, merge/layer timing, the Lightning row; then, when the bitsandbytes wheel is carried,
+# Lightning's BitsandbytesPrecision test, every QLoRA test on the device's own CPU (bitsandbytes
+# picks CPU kernels by CPU features: the 16-core host is another CPU than CI's), and QLoRA at the
+# Llama-3-8B shape against PEFT + bitsandbytes. About 8-9 minutes on one H200 (PyTorch 2.11, transformers, peft,
 # lightning; no hydra/omegaconf/wandb needed).
 #
 #   bash benchmarks/gpu_all.sh            # everything also lands in $OUT/gpu_all.log and $OUT/bench.jsonl
@@ -17,7 +18,7 @@ export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:T
 if [ -n "${OUT:-}" ]; then mkdir -p "$OUT"; fi
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,clocks.max.sm --format=csv || true
 python3 -W ignore benchmarks/step.py --size all-gpu --budget-s "${BUDGET_S:-200}" \
-  --variants "${VARIANTS:-floor,peft,lora,lora_grouped,dora,peft_dora}" "$@"
+  --variants "${VARIANTS:-floor,peft,lora,dora,peft_dora}" "$@"
 status=$?
 # The device has no bitsandbytes: carry its wheel (benchmarks/README.md: pip download into .whl/,
 # run with carry [".whl"]).
@@ -26,6 +27,9 @@ if ls .whl/bitsandbytes-*.whl >/dev/null 2>&1 \
   export PYTHONPATH="/tmp/site:$PWD:${PYTHONPATH:-}"
   # Lightning's BitsandbytesPrecision (CUDA-only) with LoRACallback, in either order of setup.
   python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_quantized.py || status=1
+  # The same file on the host CPU (its features first): the AVX512-BF16 / AMX paths of bitsandbytes.
+  echo "host CPU features: $(grep -o -w 'avx2\|avx512f\|avx512_bf16\|amx_bf16\|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+  CUDA_VISIBLE_DEVICES= python3 -m pytest -q -p no:cacheprovider tests/test_quantized.py || status=1
   # QLoRA at the Llama-3-8B shape (1x2048 tokens, nf4 double quant, bf16 compute, gradient
   # checkpointing): ours against PEFT + bitsandbytes.
   python3 -W ignore benchmarks/qlora.py --size 8b --variants qlora,peft_qlora,lora_bf16 --steps 5 --cache /tmp

@@ -16,8 +16,6 @@ Variants (r=16, alpha=16 on q,k,v,o,gate,up,down):
     lora          lora-lightning at its defaults, adapters in the base dtype
     lora_fp32     lora-lightning, adapter_dtype="float32"
     lora_fa       lora-lightning, freeze_A=True (LoRA-FA)
-    lora_grouped  lora-lightning with share_inputs=True: adapted linears that read one tensor (q/k/v,
-                  gate/up) computed as one node (what the opt-in grouping buys, same run)
     lora_compile  lora-lightning with each decoder layer torch.compile'd (regional compilation)
     dora          lora-lightning with use_dora=True (row norms from W A^T and A A^T, W + s B A never formed)
     peft_dora     HF PEFT with use_dora=True at its defaults
@@ -49,7 +47,6 @@ VARIANTS = (
     "lora",
     "lora_fp32",
     "lora_fa",
-    "lora_grouped",
     "lora_compile",
     "dora",
     "peft_dora",
@@ -63,7 +60,6 @@ RUN_ORDER = (
     "lora",
     "lora_fp32",
     "lora_fa",
-    "lora_grouped",
     "dora",
     "peft_dora",
     "lora_compile",
@@ -93,7 +89,7 @@ def prepare(variant: str, model: nn.Module) -> nn.Module:
         freeze_A=variant == "lora_fa",
         use_dora=variant == "dora",
     )
-    inject_lora(model, config, share_inputs=variant == "lora_grouped")
+    inject_lora(model, config)
     if variant == "lora_compile":
         torch._dynamo.reset()  # a fresh cache per size: no recompiles against another shape's guards
         # Regional compilation: every decoder layer runs the same compiled code, so the compile
@@ -351,9 +347,6 @@ def main(argv: list[str] | None = None) -> int:
             log(checks.merge_timing(SIZES[sizes[-1]], device, dtype, repeats=3))
         if not over_budget("layer timing"):
             log(checks.layer_timing(SIZES[sizes[-1]], device, dtype))
-        for size in sizes:
-            if not over_budget(f"group timing {size}"):
-                log(checks.group_timing(SIZES[size], device, dtype))
 
     if not args.no_checks and not over_budget("Lightning overhead"):
         steps_l = 2 if args.dry_run else 10

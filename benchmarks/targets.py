@@ -67,7 +67,6 @@ def target_lines(rows: list[dict], shape: Shape, cuda: bool) -> list[str]:
             ("peft step / floor", ratio("peft", "floor")),
             ("peft peak / floor", ratio("peft", "floor", "peak_bytes")),
             ("lora_compile step / lora", ratio("lora_compile", "lora")),
-            ("lora_grouped step / lora", ratio("lora_grouped", "lora")),
         )
         if value is not None
     ]

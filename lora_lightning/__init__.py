@@ -12,7 +12,6 @@ from lora_lightning.config import LoRAConfig
 from lora_lightning.inject import LoRAReport, ParameterSummary, get_lora_config, inject_lora, parameter_summary
 from lora_lightning.layers import LoRAEmbedding, LoRALinear
 from lora_lightning.merge import merge_and_unload, merge_lora, unmerge_lora
-from lora_lightning.sharing import share_inputs
 
 __version__ = "0.1.0"
 
@@ -53,6 +52,5 @@ __all__ = [
     "merge_lora",
     "parameter_summary",
     "save_adapter",
-    "share_inputs",
     "unmerge_lora",
 ]

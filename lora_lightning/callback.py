@@ -72,9 +72,6 @@ class LoRACallback(pl.Callback):
         optimizer: factory ``params -> Optimizer`` used when ``configure_optimizers`` returns None.
         tokenizer: saved with the merged model; defaults to ``pl_module.tokenizer`` if present.
         base_model_name_or_path: recorded in the exported adapter's config.
-        share_inputs: compute adapted linears that read one tensor as one autograd node
-            (:mod:`lora_lightning.sharing`); off by default (1-2% faster steps on an H200, at the
-            cost of bit-exact resume).
         allow_empty_optimizers: let an optimizer of ``configure_optimizers`` that holds only
             frozen parameters be emptied; by default that is an error naming it.
         quantize: "nf4", "nf4-dq", "fp4" or "int8": quantize the base's linear layers with
@@ -113,7 +110,6 @@ class LoRACallback(pl.Callback):
         optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
         tokenizer: Any | None = None,
         base_model_name_or_path: str | None = None,
-        share_inputs: bool = False,
         allow_empty_optimizers: bool = False,
         quantize: Literal["nf4", "nf4-dq", "fp4", "int8"] | None = None,
         full_report: bool = False,
@@ -128,7 +124,7 @@ class LoRACallback(pl.Callback):
             raise ValueError(f"lr_ratio_B must be a positive number, got {lr_ratio_B!r}")
         if module is not None and (not isinstance(module, str) or not module):
             raise ValueError(f"module must be a dotted submodule path such as 'model', or None, got {module!r}")
-        for flag in ("merge_on_fit_end", "share_inputs", "allow_empty_optimizers", "full_report"):
+        for flag in ("merge_on_fit_end", "allow_empty_optimizers", "full_report"):
             if not isinstance(arguments[flag], bool):
                 raise TypeError(f"{flag} must be True or False, got {arguments[flag]!r}")
         if quantize is not None and quantize not in QUANT_METHODS:
@@ -141,7 +137,6 @@ class LoRACallback(pl.Callback):
         self.optimizer_factory = optimizer or default_optimizer
         self.tokenizer = tokenizer
         self.base_model_name_or_path = base_model_name_or_path
-        self.share_inputs = share_inputs
         self.allow_empty_optimizers = allow_empty_optimizers
         self.quantize = quantize
         self.full_report = full_report
@@ -210,7 +205,7 @@ class LoRACallback(pl.Callback):
                 self._start_afresh(target)
         if self.quantize is not None and not lora_layers(target):
             self._quantize(target)
-        self.report = inject_lora(target, self.config, share_inputs=self.share_inputs)
+        self.report = inject_lora(target, self.config)
         prefix = self._prefix()
         # What belongs to the adapter (factors, trained biases, modules_to_save; lora_A too under
         # LoRA-FA, where it is frozen but still part of the adapter) is what checkpoints keep;
@@ -243,7 +238,7 @@ class LoRACallback(pl.Callback):
 
     def _readapt(self, target: nn.Module, merged: MergedAdapters, stage: str) -> None:
         """Re-inject the adapters merged at fit end and unmerge them: the base weights come back."""
-        self._restored_by_unmerge = merged.restore(target, self.config, self.share_inputs)
+        self._restored_by_unmerge = merged.restore(target, self.config)
         self._merged = None
         self._readapted_stage = stage
 

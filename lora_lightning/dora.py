@@ -94,7 +94,6 @@ class DoRAVariant(LoRAVariant):
 
     name = "dora"
     roles = (LORA_A, LORA_B, MAGNITUDE)
-    fusable = False  # the fused kernel and input grouping compute plain LoRA only
 
     @torch.no_grad()
     def create(self, layer: LoRALayer) -> None:

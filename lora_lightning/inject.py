@@ -11,7 +11,6 @@ import difflib
 import torch
 from torch import nn
 
-from lora_lightning import sharing
 from lora_lightning.config import LoRAConfig, layer_index, name_matches
 from lora_lightning.inits import rewrites_base
 from lora_lightning.layers import LoRAEmbedding, LoRALayer, LoRALinear, adaptable_kind, is_lora_layer
@@ -281,9 +280,7 @@ def lora_report(model: nn.Module, config: LoRAConfig | None = None) -> LoRARepor
     return LoRAReport(config=config, modules=modules, modules_to_save=saved, params=parameter_summary(model))
 
 
-def inject_lora(
-    model: nn.Module, config: LoRAConfig, *, share_inputs: bool = False, initialize: bool = True
-) -> LoRAReport:
+def inject_lora(model: nn.Module, config: LoRAConfig, *, initialize: bool = True) -> LoRAReport:
     """Swap the selected modules for LoRA layers in place and freeze everything else.
 
     Works on the meta device (adapter factors are created where the base weight lives), so a
@@ -295,10 +292,6 @@ def inject_lora(
     Args:
         model: any ``nn.Module``; modified in place.
         config: what to adapt.
-        share_inputs: compute adapted linears that read one tensor (q, k, v; gate, up) as one
-            autograd node (:mod:`lora_lightning.sharing`); off by default: 1-2% on an H200, and
-            gradients then sum in another order (no bit-exact resume).
-            ``lora_lightning.share_inputs(model, enabled)`` switches it later.
         initialize: run the config's init (which, for PiSSA / OLoRA, rewrites the base into the
             residual); False leaves zero factors and the base untouched, for a caller that loads
             the factors (and the base) it had.
@@ -350,18 +343,12 @@ def inject_lora(
         release_mapped_weights(model)
     setattr(model, _CONFIG_ATTR, config)
     mark_trainable(model, config)
-    if share_inputs:
-        sharing.share_inputs(model)
     return lora_report(model, config)
 
 
 def remove_lora_config(model: nn.Module) -> None:
-    """Forget the stored config and the grouping hooks (after the adapters have been unloaded).
-
-    The plain model keeps nothing of lora_lightning: no attribute, no hook holding the removed
-    layers alive.
-    """
-    sharing.share_inputs(model, enabled=False)
+    """Forget the stored config (after the adapters have been unloaded): the plain model keeps
+    nothing of lora_lightning."""
     for module in model.modules():
         if _CONFIG_ATTR in vars(module):
             delattr(module, _CONFIG_ATTR)

@@ -22,7 +22,6 @@ import contextlib
 import math
 import threading
 from collections.abc import Callable
-from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -32,7 +31,6 @@ from torch import Tensor
 WeightFn = Callable[[torch.dtype], Tensor]
 #: one adapted linear's operands: ``(W (out, in), b (out,) or None, A (r, in), B (out, r), scale)``
 Terms = tuple[Tensor | WeightFn, Tensor | None, Tensor, Tensor, float]
-_Out = TypeVar("_Out")
 
 
 def _scaled(t: Tensor, scale: float) -> Tensor:
@@ -230,162 +228,26 @@ def lora_linear(
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, x_lora)
 
 
-class SharedInputLoRAFunction(torch.autograd.Function):
-    """Several adapted linears that read the same input, as one autograd node.
-
-    ``out_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T`` for every member ``i``. Computed one by one,
-    each member's backward reads ``x`` for its ``dA_i``, adds its own ``(g_i B_i) A_i`` into its own
-    ``dx_i``, and autograd then adds the members' ``dx_i`` together (each add another pass over
-    ``dx``). Here backward stacks the members' ``g_i B_i`` and ``A_i``: ``dA`` for all members is
-    one GEMM (one pass over ``x``), and every member's share of ``dx``, base and adapter,
-    accumulates into one buffer through ``addmm_`` epilogues.
-
-    Forward keeps one ``x A_i^T`` per member, each computed exactly as :class:`LoRALinearFunction`
-    computes it, and a member whose output goes unused costs no backward work: so the members
-    that are used get the same numbers whichever other layers the group was speculatively
-    computed with (see :mod:`lora_lightning.sharing`), and a group of one used member gets
-    bit for bit what :class:`LoRALinearFunction` gets.
-
-    Inputs after ``x`` and ``scales``: ``weight, bias, lora_A, lora_B`` of every member, flattened.
-    Returns one output per member.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, scales: tuple[float, ...], *params: Tensor | None):  # type: ignore[override]
-        n = len(scales)
-        weights, biases, As, Bs = (params[k::4] for k in range(4))
-        work = gemm_dtype(x)  # x.dtype, or float32 on a CPU without native bf16/fp16 GEMMs
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        x2w = x2.to(work)
-        Ac = [a.to(work) for a in As]  # (r_i, in): casting the small factors, never the activations
-        Bc = [b.to(work) for b in Bs]  # (out_i, r_i)
-        xas = []
-        outs = []
-        for i in range(n):
-            bias = None if biases[i] is None else biases[i].to(work)
-            out, xa = _adapted_linear(x2w, x2w, weight_in(weights[i], work), bias, Ac[i], Bc[i], scales[i])
-            xas.append(xa)
-            outs.append(out.to(x.dtype).view(*x.shape[:-1], out.shape[-1]))
-        del x2w
-
-        train_w = any(w.requires_grad for w in weights)
-        train_a = any(a.requires_grad for a in As)
-        ctx.save_for_backward(x2 if (train_w or train_a) else None, *weights, *Ac, *Bc, *xas)
-        ctx.set_materialize_grads(False)
-        ctx.n, ctx.scales = n, scales
-        ctx.factor_dtypes = [(a.dtype, b.dtype) for a, b in zip(As, Bs, strict=True)]
-        ctx.bias_dtypes = [None if b is None else b.dtype for b in biases]
-        ctx.in_shape, ctx.x_dtype, ctx.device_type = x.shape, x.dtype, x.device.type
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor | None):  # type: ignore[override]
-        with _autocast_off(ctx.device_type):
-            return SharedInputLoRAFunction._backward(ctx, *grads)
-
-    @staticmethod
-    def _backward(ctx, *grads: Tensor | None):
-        n, scales = ctx.n, ctx.scales
-        x2, *rest = ctx.saved_tensors
-        weights, Ac, Bc, xas = (rest[k * n : (k + 1) * n] for k in range(4))
-        work = Ac[0].dtype  # what forward multiplied in
-        xw = None if x2 is None else x2.to(work)
-        need = ctx.needs_input_grad
-        need_x = need[0]
-        need_w, need_b, need_a, need_bb = (need[2 + k :: 4] for k in range(4))
-
-        dx = None
-        dparams: list[Tensor | None] = [None] * (4 * n)
-        used: list[int] = []  # members whose g_i B_i enters dx or dA
-        gBs: list[Tensor] = []  # g_i B_i, (N, r_i)
-        for i, grad in enumerate(grads):
-            if grad is None:  # this output was not used: nothing flows back through it
-                continue
-            g = grad.reshape(-1, grad.shape[-1]).to(work)  # (N, out_i)
-            if need_x:
-                weight = weight_in(weights[i], work)
-                dx = g @ weight if dx is None else dx.addmm_(g, weight)
-                del weight
-            if need_x or need_a[i]:
-                gBs.append(g @ Bc[i])
-                used.append(i)
-            if need_w[i]:
-                dparams[4 * i] = (g.t() @ xw).to(weights[i].dtype)
-            if need_b[i]:
-                dparams[4 * i + 1] = g.sum(0).to(ctx.bias_dtypes[i])
-            if need_bb[i]:
-                dparams[4 * i + 3] = _scaled(g.t() @ xas[i], scales[i]).to(ctx.factor_dtypes[i][1])
-
-        if used:
-            if len({scales[i] for i in used}) == 1:  # one scale: it rides in the epilogue, as alone
-                scale = scales[used[0]]
-            else:  # rank / alpha patterns: each member's scale goes into its (small) g_i B_i
-                gBs = [gB.mul_(scales[i]) for gB, i in zip(gBs, used, strict=True)]
-                scale = 1.0
-            gB = torch.cat(gBs, dim=1) if len(gBs) > 1 else gBs[0]  # (N, R)
-            A = torch.cat([Ac[i] for i in used]) if len(used) > 1 else Ac[used[0]]  # (R, in)
-            if need_x:
-                dx.addmm_(gB, A, alpha=scale)  # every member's adapter share of dx in one GEMM
-            if any(need_a[i] for i in used):
-                dA = _scaled(gB.t() @ xw, scale)  # (R, in): one pass over x for every member's dA
-                offset = 0
-                for i in used:
-                    rank = Ac[i].shape[0]
-                    if need_a[i]:
-                        dparams[4 * i + 2] = dA[offset : offset + rank].to(ctx.factor_dtypes[i][0])
-                    offset += rank
-        if dx is not None:
-            dx = dx.to(ctx.x_dtype).view(ctx.in_shape)
-        return (dx, None, *dparams)
-
-
-def shared_input_lora_linear(
-    x: Tensor,
-    members: list[tuple[Tensor, Tensor | None, Tensor, Tensor, float]],
-) -> tuple[Tensor, ...]:
-    """``x W_i^T + b_i + s_i (x A_i^T) B_i^T`` for each ``(W_i, b_i, A_i, B_i, s_i)`` in ``members``.
-
-    Same contract per member as :func:`lora_linear` (without a separate adapter input); the
-    members share ``x`` and are computed as one autograd node (:class:`SharedInputLoRAFunction`).
-    """
-    flat: list[Tensor | None] = []
-    for weight, bias, lora_A, lora_B, _ in members:
-        flat += [weight, bias, lora_A, lora_B]
-    return SharedInputLoRAFunction.apply(x, tuple(m[4] for m in members), *flat)
-
-
-def _as_autocast_would(
-    x: Tensor,
-    members: list[Terms],
-    x_lora: Tensor | None,
-    compute: Callable[[Tensor, list[Terms], Tensor | None], _Out],
-) -> _Out:
-    """Run ``compute`` on the operands autocast would give ``F.linear``, with autocast off.
+def fused_lora_linear(x: Tensor, terms: Terms, x_lora: Tensor | None = None) -> Tensor:
+    """One adapted linear through :func:`lora_linear`, as autocast would run ``F.linear``.
 
     Under autocast, ``F.linear`` casts input, weight and bias to the autocast dtype; do exactly that
-    (never the factors: the kernels cast them), then run with autocast off so every GEMM sees one
+    (never the factors: the kernel casts them), then run with autocast off so every GEMM sees one
     dtype. Without autocast the operands pass unchanged.
     """
+    weight, bias, lora_A, lora_B, scale = terms
     device_type = x.device.type
     dtype = autocast_dtype(device_type)
     if dtype is None:
-        return compute(x, members, x_lora)
-    cast = [(_cast_weight(w, dtype), None if b is None else b.to(dtype), A, B, s) for w, b, A, B, s in members]
+        return lora_linear(x, weight, bias, lora_A, lora_B, scale, x_lora)
+    weight, bias = _cast_weight(weight, dtype), None if bias is None else bias.to(dtype)
     with torch.autocast(device_type, enabled=False):
-        return compute(x.to(dtype), cast, None if x_lora is None else x_lora.to(dtype))
+        return lora_linear(
+            x.to(dtype), weight, bias, lora_A, lora_B, scale, None if x_lora is None else x_lora.to(dtype)
+        )
 
 
 def _cast_weight(weight: Tensor | WeightFn, dtype: torch.dtype) -> Tensor | WeightFn:
     if isinstance(weight, Tensor):
         return weight.to(dtype)
     return lambda work: weight_in(weight(dtype), work)  # a deferred (dequantizing) weight stays deferred
-
-
-def fused_lora_linear(x: Tensor, terms: Terms, x_lora: Tensor | None = None) -> Tensor:
-    """One adapted linear through :func:`lora_linear`, as autocast would run it (see :func:`lora_linear`)."""
-    return _as_autocast_would(x, [terms], x_lora, lambda x, m, xl: lora_linear(x, *m[0], xl))
-
-
-def fused_shared_input(x: Tensor, members: list[Terms]) -> tuple[Tensor, ...]:
-    """Several adapted linears on one input through :func:`shared_input_lora_linear`, as autocast would run them."""
-    return _as_autocast_would(x, members, None, lambda x, m, _: shared_input_lora_linear(x, m))

@@ -13,8 +13,6 @@ Both answer the same small protocol used by merge, save and report code: ``lora_
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -22,7 +20,7 @@ from torch.nn import functional as F
 from lora_lightning.base import BaseKind, base_kind
 from lora_lightning.config import lora_scale
 from lora_lightning.inits import init_function
-from lora_lightning.kernels import Terms, fused_lora_linear
+from lora_lightning.kernels import fused_lora_linear
 from lora_lightning.variants import PLAIN, LoRAVariant
 
 
@@ -191,9 +189,6 @@ class LoRALinear(LoRALayer):
         **options: ``use_rslora``, ``init``, ``init_std``, ``dtype``, ``variant`` of :class:`LoRALayer`.
     """
 
-    #: the group of layers reading the same input this layer is computed with (lora_lightning.sharing)
-    _shared_input: Callable[[LoRALinear, Tensor], Tensor | None] | None = None
-
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, *, dropout: float = 0.0, **options) -> None:
         super().__init__(base_layer, r, alpha, **options)
         if self.kind.embedding:
@@ -203,29 +198,6 @@ class LoRALinear(LoRALayer):
     def _dropped(self, x: Tensor) -> Tensor | None:
         """The adapter's input when dropout changes it (training with dropout), else None."""
         return self.lora_dropout(x) if self.training and isinstance(self.lora_dropout, nn.Dropout) else None
-
-    def shared_terms(self) -> Terms | None:
-        """``(W, b, A, B, scale)`` when this layer's output is exactly the fused kernel of them.
-
-        None when it is not: merged, adapter dropout in training, a variant or a base kind the
-        fused kernel does not compute. Input grouping (:mod:`lora_lightning.sharing`) computes a
-        layer only through these terms, so it never computes a layer by the wrong formula.
-        """
-        dropout = self.training and isinstance(self.lora_dropout, nn.Dropout)
-        if self.merged or dropout or not (self.variant.fusable and self.kind.dense):
-            return None
-        return self.base_weight(), self.bias, self.lora_A, self.lora_B, self.scale
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.merged and self._shared_input is not None and not torch.compiler.is_compiling():
-            out = self._shared_input(self, x)  # lora_lightning.sharing
-            if out is not None:
-                return out
-        return super().forward(x)
-
-    def forward_alone(self, x: Tensor) -> Tensor:
-        """This layer's output computed on its own (what a group falls back to)."""
-        return super().forward(x)
 
     def lora_forward(self, x: Tensor, with_bias: bool = True) -> Tensor:
         kind, base, x_lora = self.kind, self.base_layer, self._dropped(x)

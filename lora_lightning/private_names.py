@@ -57,13 +57,6 @@ PRIVATE_ATTRIBUTES: tuple[tuple[str, str, str], ...] = (
     ("torch.optim.lr_scheduler.SequentialLR", "_schedulers", "remap the nested schedulers' per-group lists"),
     ("transformers.PreTrainedModel", "_require_grads_hook", "enable_input_require_grads was already called"),
     ("lightning.pytorch.loggers.WandbLogger", "_wandb_init", "drop the anonymous=None setting wandb warns about"),
-    # input grouping (sharing.py, rounds.py), opt-in, to be deleted with it:
-    ("torch._C", "_current_graph_task_id", "input grouping: whether a backward pass is running"),
-    ("torch._C._autograd", "_top_saved_tensors_default_hooks", "input grouping: the saved-tensor hooks in force"),
-    ("torch.autograd.graph.Node", "_raw_saved_tensors", "input grouping: what a node saved"),
-    ("torch.nn.Module", "_forward_pre_hooks", "input grouping: remove its own hooks from a parent"),
-    ("torch.nn.Module", "_forward_hooks", "input grouping: remove its own hooks from a parent"),
-    ("torch.nn.Module", "_forward_hooks_always_called", "input grouping: remove its own hooks from a parent"),
 )
 
 

@@ -80,7 +80,7 @@ class MergedAdapters:
         return weights is not None and not compare_fingerprints(self._merged, base_fingerprint(weights))
 
     @torch.no_grad()
-    def restore(self, model: nn.Module, config: LoRAConfig, share_inputs: bool) -> set[str]:
+    def restore(self, model: nn.Module, config: LoRAConfig) -> set[str]:
         """Re-inject the adapters into the merged ``model`` and unmerge them: its base weights return.
 
         The layers are created without their init (which, for PiSSA, would rewrite the merged
@@ -92,7 +92,7 @@ class MergedAdapters:
         for name, saved in self.layers.items():
             if saved.quantized is not None:
                 _set_submodule(model, name, saved.quantized)  # the quantized layer as it was before the merge
-        inject_lora(model, config, share_inputs=share_inputs, initialize=False)
+        inject_lora(model, config, initialize=False)
         layers = lora_layers(model)
         restored = set()
         for name, saved in self.layers.items():

@@ -3,8 +3,7 @@
 A variant says which tensors an adapted layer owns besides nothing (:class:`TensorRole`: the
 attribute, its shape, and the key PEFT's files give it), how they start (``init``), how the layer
 computes its output (``forward``), how the update folds into the base weight and back (``merge``,
-``unmerge``), and whether the layer's fused kernel and input grouping compute it (``fusable``).
-Plain LoRA is the base class; a variant such as DoRA subclasses it and changes only what differs.
+``unmerge``). Plain LoRA is the base class; a variant such as DoRA subclasses it and changes only what differs.
 The file format reads its tensor roles from :func:`roles_of`, so a variant's extra tensor is one
 :class:`TensorRole`, not a change in the key parser and the load planner.
 
@@ -82,7 +81,6 @@ class LoRAVariant:
 
     name = "lora"
     roles: tuple[TensorRole, ...] = (LORA_A, LORA_B)
-    fusable = True  # the layer's fused kernel (and input grouping) compute exactly this variant
 
     def create(self, layer: LoRALayer) -> None:
         """Create the tensors this variant adds beyond A and B (none for plain LoRA)."""

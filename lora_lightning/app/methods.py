@@ -140,7 +140,6 @@ def build_method(cfg: DictConfig, lora_config: LoRAConfig, loaded: Any, output_d
         lr_ratio_B=cfg.optim.get("lr_ratio_B", 1.0),
         tokenizer=loaded.tokenizer,
         base_model_name_or_path=loaded.name_or_path,
-        share_inputs=cfg.share_inputs,
         full_report=bool(cfg.get("verbose", False)),  # verbose=true: a row per adapted module
     )
     targets = OmegaConf.to_object(cfg.lora).get("targets")  # the role, or the explicit list

@@ -118,7 +118,7 @@ def _prepare(cfg: DictConfig, output_dir: Path) -> tuple[LoRAConfig, Any, Loaded
         lora_config = lora_config_from(cfg)
         check_optim({k: v for k, v in optim_fields(cfg).items() if k != "lr_ratio_B"})
         # validates the ratio and the switch
-        LoRACallback(lora_config, lr_ratio_B=optim_fields(cfg).get("lr_ratio_B", 1.0), share_inputs=cfg.share_inputs)
+        LoRACallback(lora_config, lr_ratio_B=optim_fields(cfg).get("lr_ratio_B", 1.0))
         check_logger(cfg.get("logger"))
         check_quant(quant_fields(cfg))
         method_name(cfg)  # an unknown method

@@ -18,7 +18,7 @@ from torch import nn
 
 from lora_lightning import LoRAConfig, inject_lora, merge_and_unload
 from lora_lightning.inject import _set_submodule, lora_layers
-from lora_lightning.layers import LoRALinear
+from lora_lightning.nn.layers import LoRALinear
 
 # bf16 keeps 8 significant bits (unit roundoff 2^-9 = 2e-3); through two decoder layers and the LM
 # head the plain formula in bf16 lands 1e-2 .. 3e-2 from float32 (tiny, CPU). Ours must be as good

@@ -60,7 +60,7 @@ def trainer_loop(shape: Shape, device: torch.device, dtype: torch.dtype, warmup:
     """ms per step of ``Trainer.fit`` with ``LoRACallback`` injecting the same adapters."""
     import lightning as L
 
-    from lora_lightning.callback import LoRACallback
+    from lora_lightning.lightning.callback import LoRACallback
 
     class Module(L.LightningModule):
         def __init__(self) -> None:

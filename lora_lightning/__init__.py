@@ -10,22 +10,22 @@ from typing import TYPE_CHECKING, Any
 
 from lora_lightning.config import LoRAConfig
 from lora_lightning.inject import LoRAReport, ParameterSummary, get_lora_config, inject_lora, parameter_summary
-from lora_lightning.layers import LoRAEmbedding, LoRALinear
 from lora_lightning.merge import merge_and_unload, merge_lora, unmerge_lora
+from lora_lightning.nn.layers import LoRAEmbedding, LoRALinear
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "LoRACallback": "lora_lightning.callback",
-    "save_adapter": "lora_lightning.adapters",
-    "load_adapter": "lora_lightning.adapters",
-    "export_merged": "lora_lightning.adapters",
-    "adapter_state_dict": "lora_lightning.adapters",
+    "LoRACallback": "lora_lightning.lightning.callback",
+    "save_adapter": "lora_lightning.io.adapters",
+    "load_adapter": "lora_lightning.io.adapters",
+    "export_merged": "lora_lightning.io.adapters",
+    "adapter_state_dict": "lora_lightning.io.adapters",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lora_lightning.adapters import adapter_state_dict, export_merged, load_adapter, save_adapter
-    from lora_lightning.callback import LoRACallback
+    from lora_lightning.io.adapters import adapter_state_dict, export_merged, load_adapter, save_adapter
+    from lora_lightning.lightning.callback import LoRACallback
 
 
 def __getattr__(name: str) -> Any:

@@ -1,6 +1,6 @@
 """``python -m lora_lightning``: the same Hydra app as the ``lora-lightning`` command."""
 
-from lora_lightning.app.main import main
+from lora_lightning.app.cli import main
 
 if __name__ == "__main__":
     main()

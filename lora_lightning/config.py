@@ -20,13 +20,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lora_lightning.inits import INIT_NAMES, is_init_name, rewrites_base
+from lora_lightning.nn.inits import INIT_NAMES, is_init_name, rewrites_base
 
 ALL_LINEAR = "all-linear"
 BiasMode = Literal["none", "all", "lora_only"]
 BIAS_MODES: tuple[str, ...] = ("none", "all", "lora_only")
 ADAPTER_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
-# Quantizations of a base (lora_lightning.quantized): nf4, nf4 with double-quantized scales, fp4, LLM.int8().
+# Quantizations of a base (lora_lightning.kinds.bnb): nf4, nf4 with double-quantized scales, fp4, LLM.int8().
 QUANT_METHODS: tuple[str, ...] = ("nf4", "nf4-dq", "fp4", "int8")
 
 # The first numbered path segment is the index of the repeated block: ``model.layers.3.mlp`` -> 3.

@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from lora_lightning.config import LoRAConfig, layer_index, name_matches
-from lora_lightning.inits import rewrites_base
-from lora_lightning.layers import LoRAEmbedding, LoRALayer, LoRALinear, adaptable_kind, is_lora_layer
-from lora_lightning.mapped import release_mapped_weights
-from lora_lightning.report import AdaptedModule, LoRAReport, ParameterSummary, parameter_summary
-from lora_lightning.variants import variant_for
+from lora_lightning.nn.inits import rewrites_base
+from lora_lightning.nn.layers import LoRAEmbedding, LoRALayer, LoRALinear, adaptable_kind, is_lora_layer
+from lora_lightning.nn.variants import variant_for
+from lora_lightning.ops.process_memory import release_mapped_weights
+from lora_lightning.summary import AdaptedModule, LoRAReport, ParameterSummary, parameter_summary
 
 # Top-level children that are output heads by convention; "all-linear" leaves them alone.
 # For any module: a child of the root (or of a transformers model inside it) with one of these names.

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lora_lightning.inject import _set_submodule, lora_layers, remove_lora_config
-from lora_lightning.layers import is_lora_layer
+from lora_lightning.nn.layers import is_lora_layer
 
 
 def _untie_adapted_weights(model: nn.Module) -> None:

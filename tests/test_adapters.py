@@ -16,8 +16,8 @@ from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_mo
 from torch import nn
 
 from lora_lightning import LoRAConfig, inject_lora
-from lora_lightning.adapters import adapter_state_dict, load_adapter, save_adapter
 from lora_lightning.inject import lora_layers
+from lora_lightning.io.adapters import adapter_state_dict, load_adapter, save_adapter
 from tests.models import output_of, tiny_gpt2, tiny_llama, token_ids
 from tests.test_inject import _randomise_B
 

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from lora_lightning import LoRAConfig, inject_lora
-from lora_lightning.adapters import export_merged, load_adapter, save_adapter
 from lora_lightning.inject import lora_layers
+from lora_lightning.io.adapters import export_merged, load_adapter, save_adapter
 from tests.models import tiny_llama
 from tests.test_adapters import CONFIG, WEIGHTS, _adapted
 
@@ -212,7 +212,7 @@ def test_loading_onto_adapters_is_refused(saved):
 def test_failure_after_injection_rolls_the_model_back(saved, monkeypatch):
     base, directory = saved
     before = _snapshot(base)
-    import lora_lightning.adapters as adapters
+    import lora_lightning.io.adapters as adapters
 
     def inject_then_fail(model, config):
         inject_lora(model, config)  # the model now carries adapters and is frozen

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from lora_lightning import LoRAConfig, LoRAEmbedding, LoRALinear, merge_and_unload
-from lora_lightning.adapters import export_merged, save_adapter
 from lora_lightning.inject import lora_layers
+from lora_lightning.io.adapters import export_merged, save_adapter
 from tests.models import VOCAB, tiny_gpt2, tiny_llama
 from tests.test_adapters import ATOL, CONFIG, _adapted, _logits
 
@@ -72,7 +72,7 @@ def test_export_merged_in_place_leaves_a_plain_model(tmp_path, monkeypatch):
     assert not lora_layers(model) and not any(isinstance(m, (LoRALinear, LoRAEmbedding)) for m in model.modules())
     torch.testing.assert_close(_logits(model), expected, rtol=0, atol=ATOL)
     # exporting an already plain model (the callback merges first) makes no copy of it
-    import lora_lightning.export as export_module
+    import lora_lightning.io.export as export_module
 
     real_deepcopy = copy.deepcopy
 

@@ -15,11 +15,11 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lora_lightning.app.cli import config_dir
 from lora_lightning.app.errors import UsageError
-from lora_lightning.app.main import config_dir
-from lora_lightning.app.models import ROLES, LoadedModel
-from lora_lightning.app.tracking import build_logger
-from lora_lightning.app.train import lora_config_from
+from lora_lightning.app.models.loading import ROLES, LoadedModel
+from lora_lightning.app.run.job import lora_config_from
+from lora_lightning.app.run.tracking import build_logger
 from lora_lightning.inject import plan_targets
 from tests.app_support import REPO, TINY_GPT2, TINY_LLAMA
 from tests.reference import scale_of
@@ -220,7 +220,7 @@ def test_a_logger_whose_package_is_missing_fails_before_any_work(name, package, 
     import importlib.util
 
     from lora_lightning.app.errors import UsageError
-    from lora_lightning.app.tracking import check_logger
+    from lora_lightning.app.run.tracking import check_logger
 
     cfg = _compose([f"logger={name}"], output_dir=tmp_path)
     real = importlib.util.find_spec
@@ -265,8 +265,8 @@ def test_sweep_recipe_holds_the_grid() -> None:
 
 @pytest.mark.parametrize("name", options("method"))
 def test_method_options(name: str, llama: LoadedModel, tmp_path: Path) -> None:
-    from lora_lightning.app.methods import FullFineTune, build_method
-    from lora_lightning.callback import LoRACallback
+    from lora_lightning.app.run.methods import FullFineTune, build_method
+    from lora_lightning.lightning.callback import LoRACallback
 
     cfg = _compose([f"method={name}"], output_dir=tmp_path)
     method = build_method(cfg, lora_config_from(cfg), llama, tmp_path)

@@ -7,9 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_lightning.app.data import PydocTopics, StdlibCode, TextFiles, TokenBlockDataModule, pack, split_of, spread
+from lora_lightning.app.data.token_blocks import (
+    PydocTopics,
+    StdlibCode,
+    TextFiles,
+    TokenBlockDataModule,
+    pack,
+    split_of,
+    spread,
+)
 from lora_lightning.app.errors import UsageError
-from lora_lightning.app.pretrain import train_tokenizer
+from lora_lightning.app.models.tiny_base import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +100,7 @@ def test_too_little_data_is_a_clear_error(tmp_path: Path, tokenizer) -> None:
 def test_hf_dataset_through_the_datasets_library_on_local_files(tmp_path: Path, tokenizer, monkeypatch) -> None:
     """data=hf_dataset for real: datasets.load_dataset with the json builder over local files, offline."""
     pytest.importorskip("datasets", reason="the datasets extra is installed by the test extra in CI")
-    from lora_lightning.app.data import HFDataset
+    from lora_lightning.app.data.token_blocks import HFDataset
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -148,7 +156,7 @@ def test_text_file_split_does_not_depend_on_where_the_corpus_lives(tmp_path: Pat
 
 def test_building_a_base_leaves_the_callers_random_state_alone(tmp_path: Path) -> None:
     """A cache miss must not reseed the job: the same seed gives the same numbers with or without a build."""
-    from lora_lightning.app.pretrain import ensure_base
+    from lora_lightning.app.models.tiny_base import ensure_base
 
     spec = {
         "architecture": {

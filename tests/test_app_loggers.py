@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_lightning.app.tracking import MLFLOW_DB, sweep_group
+from lora_lightning.app.run.tracking import MLFLOW_DB, sweep_group
 from tests.app_support import SHORT, TINY_LLAMA, read_summary, run_cli
 
 pytestmark = pytest.mark.slow

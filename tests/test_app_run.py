@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora_lightning.app.main import config_dir
-from lora_lightning.app.pretrain import MANIFEST
+from lora_lightning.app.cli import config_dir
+from lora_lightning.app.models.tiny_base import MANIFEST
 from tests.app_support import (
     SHORT,
     TINY_GPT2,
@@ -192,7 +192,7 @@ def _compose(overrides: list[str], output_dir: Path) -> DictConfig:
 
 def test_tiny_gpt2_job_in_process(cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """model=tiny_gpt2: the Conv1D path, end to end; the job returns the monitored val metric."""
-    from lora_lightning.app.train import run
+    from lora_lightning.app.run.job import run
 
     monkeypatch.setenv("LORA_LIGHTNING_CACHE", str(cache_dir))
     out = tmp_path / "gpt2"

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from lora_lightning.app.sweep_cli import main as report_main
-from lora_lightning.app.sweep_findings import findings
-from lora_lightning.app.sweep_rows import COLUMNS, read_rows
-from lora_lightning.app.tracking import sweep_group
+from lora_lightning.app.run.tracking import sweep_group
+from lora_lightning.app.sweep.cli import main as report_main
+from lora_lightning.app.sweep.findings import findings
+from lora_lightning.app.sweep.rows import COLUMNS, read_rows
 from tests.app_support import SHORT, TINY_LLAMA, offline_runs, read_offline_run, read_summary, run_cli
 
 pytestmark = pytest.mark.slow

@@ -165,7 +165,7 @@ def test_a_failed_job_is_a_row_and_the_sweep_goes_on(cache_dir: Path, tmp_path: 
     # Without job 0, every job failed: the report command says so in one line, after writing the table.
     shutil.rmtree(sweep / "0")
     again = subprocess.run(
-        [sys.executable, "-m", "lora_lightning.app.sweep_cli", str(sweep)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "lora_lightning.app.sweep.cli", str(sweep)], capture_output=True, text=True, timeout=120
     )
     assert again.returncode == 1 and len(again.stderr.strip().splitlines()) == 1
     assert again.stderr.startswith("lora-lightning-report: error: every job of the sweep failed (the only job; first")

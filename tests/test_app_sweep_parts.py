@@ -11,15 +11,15 @@ from typing import Any
 import pytest
 import torch
 
+from lora_lightning.app.console import library_noise
 from lora_lightning.app.errors import UsageError
-from lora_lightning.app.memory import RSS_KIND, PeakMeter
-from lora_lightning.app.samples import check_sample
-from lora_lightning.app.study import check_references, override_key, study_jobs
-from lora_lightning.app.sweep_checks import check_group_choices
-from lora_lightning.app.sweep_findings import findings, lora_vs_full, qv_share, rank_steps
-from lora_lightning.app.sweep_report import Report, failure_line
-from lora_lightning.app.sweep_rows import COLUMNS, best_row, share_base_scores, varying_overrides
-from lora_lightning.app.verbosity import library_noise
+from lora_lightning.app.run.generation import check_sample
+from lora_lightning.app.run.memory import RSS_KIND, PeakMeter
+from lora_lightning.app.sweep.checks import check_group_choices
+from lora_lightning.app.sweep.findings import findings, lora_vs_full, qv_share, rank_steps
+from lora_lightning.app.sweep.report import Report, failure_line
+from lora_lightning.app.sweep.rows import COLUMNS, best_row, share_base_scores, varying_overrides
+from lora_lightning.app.sweep.study import check_references, override_key, study_jobs
 
 
 def test_study_adds_each_reference_once_per_combination_of_the_other_sweeps() -> None:

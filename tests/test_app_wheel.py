@@ -38,7 +38,7 @@ def test_installed_wheel_finds_its_configs_and_runs(cache_dir: Path, tmp_path: P
     assert "hydra_plugins/__init__.py" not in shipped  # a namespace shared with Hydra's other plugins
     (entry_points,) = [name for name in shipped if name.endswith(".dist-info/entry_points.txt")]
     assert (
-        "lora-lightning-report = lora_lightning.app.sweep_cli:main"
+        "lora-lightning-report = lora_lightning.app.sweep.cli:main"
         in zipfile.ZipFile(wheel).read(entry_points).decode()
     )
 
@@ -56,7 +56,7 @@ def test_installed_wheel_finds_its_configs_and_runs(cache_dir: Path, tmp_path: P
     elsewhere.mkdir()
     env = {**app_env(cache_dir), "PYTHONPATH": str(site)}
     where = subprocess.run(
-        [sys.executable, "-c", "import lora_lightning.app.main as m; print(m.__file__); print(m.config_dir())"],
+        [sys.executable, "-c", "import lora_lightning.app.cli as m; print(m.__file__); print(m.config_dir())"],
         cwd=elsewhere,
         env=env,
         capture_output=True,

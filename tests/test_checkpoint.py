@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lora_lightning.checkpoint import base_fingerprint, compare_fingerprints
+from lora_lightning.lightning.checkpoint_record import base_fingerprint, compare_fingerprints
 
 
 def test_fingerprint_of_a_tensor_past_float32_integer_range():

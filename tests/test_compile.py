@@ -15,7 +15,7 @@ from torch import nn
 
 from lora_lightning import LoRAConfig, inject_lora
 from lora_lightning.inject import lora_layers
-from lora_lightning.layers import LoRALinear
+from lora_lightning.nn.layers import LoRALinear
 from tests.models import tiny_llama, token_ids
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lora_lightning import kernels
-from lora_lightning.kernels import lora_linear
-from lora_lightning.layers import LoRAEmbedding, LoRALinear
+from lora_lightning.nn.layers import LoRAEmbedding, LoRALinear
+from lora_lightning.ops import lora_linear as kernels
+from lora_lightning.ops.lora_linear import lora_linear
 from tests.reference import lora_delta, lora_linear_reference
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_lightning.optim import find_optimizers_and_schedulers, restrict_optimizer
+from lora_lightning.lightning.optimizers import find_optimizers_and_schedulers, restrict_optimizer
 
 
 def _params():

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_lightning import private_names
-from lora_lightning.private_names import PRIVATE_ATTRIBUTES, PRIVATE_NAMES, PrivateName, private
+from lora_lightning.compat import private_names
+from lora_lightning.compat.private_names import PRIVATE_ATTRIBUTES, PRIVATE_NAMES, PrivateName, private
 
 ROOT = Path(__file__).resolve().parents[1]
 THIRD_PARTY = ("torch", "bitsandbytes", "transformers", "lightning", "peft", "hydra", "omegaconf", "wandb")
@@ -102,7 +102,7 @@ def _private_imports(path: Path) -> list[str]:
 def test_no_module_imports_a_private_third_party_name_except_through_the_list():
     files = [*sorted((ROOT / "lora_lightning").rglob("*.py")), *sorted((ROOT / "hydra_plugins").rglob("*.py"))]
     offenders = {str(f.relative_to(ROOT)): names for f in files if (names := _private_imports(f))}
-    assert offenders == {}, f"import private names through lora_lightning.private_names: {offenders}"
+    assert offenders == {}, f"import private names through lora_lightning.compat.private_names: {offenders}"
     assert Path(private_names.__file__).name == "private_names.py"
 
 

@@ -22,12 +22,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from lora_lightning import LoRACallback, LoRAConfig, inject_lora, kernels, parameter_summary, quantized
-from lora_lightning.adapters import export_merged, load_adapter, save_adapter
+from lora_lightning import LoRACallback, LoRAConfig, inject_lora, parameter_summary
+from lora_lightning.compat.private_names import private
 from lora_lightning.inject import lora_layers
+from lora_lightning.io.adapters import export_merged, load_adapter, save_adapter
+from lora_lightning.kinds import bnb as quantized
+from lora_lightning.kinds.bnb import Linear4bitKind, dequantize_into, quantize_model
 from lora_lightning.merge import MergeFidelity, merge_and_unload, merge_lora, unmerge_lora
-from lora_lightning.private_names import private
-from lora_lightning.quantized import Linear4bitKind, dequantize_into, quantize_model
+from lora_lightning.ops import lora_linear as kernels
 from tests.lightning_modules import CausalLM, token_data
 from tests.models import tiny_gpt2, tiny_llama, token_ids
 from tests.peft_reference import copy_factors, peft_config_for, peft_twin
@@ -360,7 +362,7 @@ def test_export_restores_gpt2_conv1d_layout_and_shards(tmp_path, monkeypatch):
     ids = token_ids()
     with torch.no_grad():
         want = model(input_ids=ids).logits
-    import lora_lightning.export as export_module
+    import lora_lightning.io.export as export_module
 
     monkeypatch.setattr(export_module, "SHARD_BYTES", 64 * 1024)  # several shards and an index
     out = export_merged(model, tmp_path / "merged")
@@ -477,7 +479,7 @@ def test_quantize_any_lightning_module_train_resume_merge_and_export(tmp_path):
 
 
 def test_the_fingerprint_of_a_quantized_base_survives_save_and_load(dense_dir, tmp_path):
-    from lora_lightning.checkpoint import base_fingerprint, compare_fingerprints
+    from lora_lightning.lightning.checkpoint_record import base_fingerprint, compare_fingerprints
 
     model = load_quantized(dense_dir, "nf4-dq")
     model.save_pretrained(tmp_path / "q")

@@ -16,12 +16,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from lora_lightning import LoRACallback, LoRAConfig, inject_lora, merge_and_unload, unmerge_lora
-from lora_lightning.adapters import export_merged, load_adapter, save_adapter
-from lora_lightning.dora import DORA, _ScaleOutputs, weight_norm
 from lora_lightning.inject import lora_layers
-from lora_lightning.kernels import lora_linear
-from lora_lightning.layers import LoRAEmbedding, LoRALinear
+from lora_lightning.io.adapters import export_merged, load_adapter, save_adapter
 from lora_lightning.merge import merge_lora
+from lora_lightning.nn.dora import DORA, _ScaleOutputs, weight_norm
+from lora_lightning.nn.layers import LoRAEmbedding, LoRALinear
+from lora_lightning.ops.lora_linear import lora_linear
 from tests.models import output_of, tiny_gpt2, tiny_llama, token_ids
 from tests.peft_reference import copy_factors, peft_config_for
 

@@ -1,1 +1,1 @@
-"""hydra/sweeper=study: the sweeper of lora-lightning's studies (see lora_lightning.app.study)."""
+"""hydra/sweeper=study: the sweeper of lora-lightning's studies (see lora_lightning.app.sweep.study)."""

@@ -1,7 +1,7 @@
 """``hydra/sweeper=study``: Hydra's basic sweeper plus reference jobs that run once.
 
 Hydra instantiates sweepers only from the ``hydra_plugins`` namespace, so the class lives here;
-what it computes lives in :mod:`lora_lightning.app.study`.
+what it computes lives in :mod:`lora_lightning.app.sweep.study`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from collections.abc import Mapping, Sequence
 
 from hydra.core.override_parser.types import Override
 
-from lora_lightning.app.study import check_references, study_jobs
-from lora_lightning.private_names import private
+from lora_lightning.app.sweep.study import check_references, study_jobs
+from lora_lightning.compat.private_names import private
 
 BasicSweeper = private("basic_sweeper")  # Hydra's, in hydra._internal: no public sweeper does the grid
 

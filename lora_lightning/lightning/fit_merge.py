@@ -1,0 +1,108 @@
+"""What a fit merged, kept so that the base can come back: the callback's memory across fits.
+
+At fit end the callback merges the final adapters into the weights. A later ``fit``, or a
+``validate/test(ckpt_path=...)`` whose checkpoint holds adapters, needs the *base* weights again:
+re-injecting the remembered factors and unmerging them restores them. That is only right for the
+very module that was merged, with its merged weights untouched since; on any other module (a
+fresh model given to a reused callback, or the same one trained further) an unmerge would
+subtract an update that was never added. :class:`MergedAdapters` remembers the module (weakly) and
+a fingerprint of the merged weights, and says whether a module is that one.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lora_lightning.config import LoRAConfig
+from lora_lightning.inject import _set_submodule, inject_lora, lora_layers
+from lora_lightning.lightning.checkpoint_record import base_fingerprint, compare_fingerprints
+from lora_lightning.nn.layers import adaptable_kind
+
+
+def _stored_weights(model: nn.Module, names: Iterable[str]) -> list[tuple[str, Tensor]] | None:
+    """The stored base weight of each named module (adapted or plain), or None if one is missing."""
+    found = []
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            return None
+        kind = adaptable_kind(module)
+        if kind is None:
+            return None
+        found.append((name, kind.stored_weight(module)))
+    return found
+
+
+@dataclass
+class _Layer:
+    """What unmerging one merged layer needs: its adapter tensors, the buffers its merge or init
+    left (PiSSA's starting factors, DoRA's unmerged norm), and a quantized base the merge replaced."""
+
+    tensors: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+    quantized: nn.Module | None
+
+
+def snapshot_merged(model: nn.Module) -> dict[str, _Layer]:
+    """Copies of every merged adapter layer's own tensors (small), taken after the merge, before the unload."""
+    snapshot = {}
+    for name, layer in lora_layers(model).items():
+        tensors = {role.attr: getattr(layer, role.attr).detach().clone() for role in layer.variant.roles}
+        buffers = {key: value.detach().clone() for key, value in layer.named_buffers(recurse=False)}
+        snapshot[name] = _Layer(tensors, buffers, layer._premerge_base)
+    return snapshot
+
+
+class MergedAdapters:
+    """The adapters a fit merged into ``model``, and how to tell the merged module again.
+
+    Args:
+        model: the adapted module, right after the adapters were merged into its weights.
+        layers: :func:`snapshot_merged` of it.
+    """
+
+    def __init__(self, model: nn.Module, layers: dict[str, _Layer]) -> None:
+        self.layers = layers
+        self._module = weakref.ref(model)
+        self._merged = base_fingerprint(_stored_weights(model, layers) or [])
+
+    def matches(self, model: nn.Module) -> bool:
+        """``model`` is the module merged, and its merged weights are as the merge left them."""
+        if self._module() is not model:
+            return False
+        weights = _stored_weights(model, self.layers)
+        return weights is not None and not compare_fingerprints(self._merged, base_fingerprint(weights))
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module, config: LoRAConfig) -> set[str]:
+        """Re-inject the adapters into the merged ``model`` and unmerge them: its base weights return.
+
+        The layers are created without their init (which, for PiSSA, would rewrite the merged
+        weights) and given the remembered tensors.
+
+        Returns:
+            The names of the parameters restored by the unmerge (rounded in their own dtype).
+        """
+        for name, saved in self.layers.items():
+            if saved.quantized is not None:
+                _set_submodule(model, name, saved.quantized)  # the quantized layer as it was before the merge
+        inject_lora(model, config, initialize=False)
+        layers = lora_layers(model)
+        restored = set()
+        for name, saved in self.layers.items():
+            layer = layers[name]
+            for attr, tensor in saved.tensors.items():
+                getattr(layer, attr).copy_(tensor)
+            for key, tensor in saved.buffers.items():
+                layer.register_buffer(key, tensor, persistent=False)
+            if saved.quantized is None:
+                layer.merged = True
+                layer.unmerge()
+                restored |= {f"{name}.base_layer.{leaf}" for leaf, _ in layer.base_layer.named_parameters()}
+        return restored

@@ -17,7 +17,7 @@ from shapes import RANK, TARGETS, Shape
 from torch import nn
 
 from lora_lightning import LoRAConfig, inject_lora, merge_and_unload
-from lora_lightning.inject import _set_submodule, lora_layers
+from lora_lightning.inject import lora_layers, replace_submodule
 from lora_lightning.nn.layers import LoRALinear
 
 # bf16 keeps 8 significant bits (unit roundoff 2^-9 = 2e-3); through two decoder layers and the LM
@@ -68,7 +68,7 @@ class PlainLoRA(nn.Module):
 def _plain_copy(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     twin = copy.deepcopy(model)
     for name, layer in lora_layers(twin).items():
-        _set_submodule(twin, name, PlainLoRA(layer))
+        replace_submodule(twin, name, PlainLoRA(layer))
     return twin.to(dtype) if dtype is not None else twin
 
 

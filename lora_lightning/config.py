@@ -26,7 +26,7 @@ ALL_LINEAR = "all-linear"
 BiasMode = Literal["none", "all", "lora_only"]
 BIAS_MODES: tuple[str, ...] = ("none", "all", "lora_only")
 ADAPTER_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
-# Quantizations of a base (lora_lightning.kinds.bnb): nf4, nf4 with double-quantized scales, fp4, LLM.int8().
+# Quantizations of a base (lora_lightning.quantize): nf4, nf4 with double-quantized scales, fp4, LLM.int8().
 QUANT_METHODS: tuple[str, ...] = ("nf4", "nf4-dq", "fp4", "int8")
 
 # The first numbered path segment is the index of the repeated block: ``model.layers.3.mlp`` -> 3.
@@ -85,11 +85,6 @@ def name_matches(name: str, rule: str | list[str]) -> bool:
     if isinstance(rule, str):
         return re.fullmatch(rule, name) is not None
     return any(name == entry or name.endswith("." + entry) for entry in rule)
-
-
-def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
-    """The adapter's scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023)."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 def layer_index(name: str, layers_pattern: list[str] | None = None) -> int | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from lora_lightning.inject import _set_submodule, lora_layers, remove_lora_config
+from lora_lightning.inject import lora_layers, remove_lora_config, replace_submodule
 from lora_lightning.nn.layers import is_lora_layer
 
 
@@ -142,6 +142,6 @@ def merge_and_unload(model: nn.Module, fidelity: MergeFidelity | None = None) ->
         return model.base_layer
     merge_lora(model, fidelity)
     for name, layer in lora_layers(model).items():
-        _set_submodule(model, name, layer.base_layer)
+        replace_submodule(model, name, layer.base_layer)
     remove_lora_config(model)
     return model

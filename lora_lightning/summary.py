@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from lora_lightning.config import LoRAConfig
-from lora_lightning.kinds.dense import logical_numel
+from lora_lightning.kinds import logical_numel
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,6 @@ def lora_delta(lora_A: Tensor, lora_B: Tensor, scale: float) -> Tensor:
 def scale_of(config, name: str) -> float:
     """The scale the package gives the module of this name (its rank and alpha rules and
     ``lora_scale``): what tests compare with numbers worked out by hand."""
-    from lora_lightning.config import lora_scale
+    from lora_lightning.nn.layers import lora_scale
 
     return lora_scale(config.rank_for(name), config.alpha_for(name), config.use_rslora)

@@ -20,7 +20,7 @@ from lora_lightning.app.errors import UsageError
 from lora_lightning.app.models.loading import ROLES, LoadedModel
 from lora_lightning.app.run.job import lora_config_from
 from lora_lightning.app.run.tracking import build_logger
-from lora_lightning.inject import plan_targets
+from lora_lightning.targets import plan_targets
 from tests.app_support import REPO, TINY_GPT2, TINY_LLAMA
 from tests.reference import scale_of
 

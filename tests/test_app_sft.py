@@ -10,13 +10,14 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from lora_lightning.app.data.batches import model_inputs
 from lora_lightning.app.data.chat import IGNORE, PLAIN_CHAT_TEMPLATE, encode, ensure_chat_template
 from lora_lightning.app.data.packing import check_packing_isolates, pack_rows
 from lora_lightning.app.data.record_sources import HFRecords, RecordFiles, StdlibDocstrings, functions_with_docstrings
 from lora_lightning.app.data.records import Example, make_reader
 from lora_lightning.app.data.sft_datamodule import SupervisedDataModule, collate, fit_length
 from lora_lightning.app.errors import UsageError
-from lora_lightning.app.models.lightning_module import CausalLMModule, evaluate_perplexity, model_inputs
+from lora_lightning.app.models.lightning_module import CausalLMModule, evaluate_perplexity
 from lora_lightning.app.models.tiny_base import train_tokenizer
 
 # The LightningModule's steps run here without a Trainer: self.log() has nowhere to log, and says so.

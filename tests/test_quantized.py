@@ -27,9 +27,10 @@ from lora_lightning.compat.private_names import private
 from lora_lightning.inject import lora_layers
 from lora_lightning.io.adapters import export_merged, load_adapter, save_adapter
 from lora_lightning.kinds import bnb as quantized
-from lora_lightning.kinds.bnb import Linear4bitKind, dequantize_into, quantize_model
+from lora_lightning.kinds.bnb import Linear4bitKind, dequantize_into
 from lora_lightning.merge import MergeFidelity, merge_and_unload, merge_lora, unmerge_lora
 from lora_lightning.ops import lora_linear as kernels
+from lora_lightning.quantize import quantize_model
 from tests.lightning_modules import CausalLM, token_data
 from tests.models import tiny_gpt2, tiny_llama, token_ids
 from tests.peft_reference import copy_factors, peft_config_for, peft_twin

@@ -12,7 +12,10 @@ import os
 import sys
 from pathlib import Path
 
+from lora_lightning.app.console import library_noise
 from lora_lightning.app.errors import PROG, USER_FULL_ERROR_ENV, UsageExit, full_error_requested, one_line
+from lora_lightning.app.run.job import run
+from lora_lightning.app.sweep.callback import report_after_error
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
@@ -35,9 +38,6 @@ def config_dir() -> Path:
 def _hydra_main() -> None:
     import hydra
     from omegaconf import DictConfig
-
-    from lora_lightning.app.console import library_noise
-    from lora_lightning.app.run.job import run
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
     def task(cfg: DictConfig) -> float:
@@ -82,7 +82,6 @@ def main() -> None:
     except Exception as error:
         if full_error_requested():
             raise
-        from lora_lightning.app.sweep.callback import report_after_error
 
         # A multirun whose sweeper stopped with an error still gets its report (None: not a sweep).
         message = report_after_error(error)

@@ -1,4 +1,6 @@
-"""What the libraries print on their own during a job, kept out of a user's way unless ``verbose=true``.
+"""The terminal: the app's one rich console, and what the libraries print kept out of a user's way.
+
+:func:`console` is the console every recap and report prints through.
 
 A first run printed, besides the app's own lines: Lightning's litlogger tip (once per Trainer),
 deprecation warnings from Lightning's ``_pytree`` helpers about torch's ``LeafSpec``, and
@@ -13,7 +15,17 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator
+from functools import cache
 from typing import Any
+
+from rich.console import Console
+
+
+@cache
+def console() -> Console:
+    """The console the app's own lines go through (no syntax highlighting of numbers and paths)."""
+    return Console(highlight=False)
+
 
 # Lightning routes rank_zero_info through these loggers (the pytorch and the fabric flavour).
 LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")

@@ -28,13 +28,12 @@ from lora_lightning.config import LoRAConfig
 from lora_lightning.inject import (
     _CONFIG_ATTR,
     LoRAReport,
-    _set_submodule,
     adapted_linear_names,
     inject_lora,
     lora_layers,
     lora_report,
-    plan_targets,
     remove_lora_config,
+    replace_submodule,
     trains_bias,
 )
 from lora_lightning.io import peft_format as pf
@@ -43,6 +42,7 @@ from lora_lightning.io.export import export_merged
 from lora_lightning.io.load_plan import choose_config, plan_load, saved_modules, with_file_dtype
 from lora_lightning.nn.inits import rewrites_base
 from lora_lightning.nn.layers import LoRALinear, adaptable_kind
+from lora_lightning.targets import plan_targets
 
 # -- what belongs to the adapter ---------------------------------------------------------------------
 
@@ -208,7 +208,7 @@ def _read_adapter_files(path: Path) -> tuple[dict[str, Any], dict[str, Tensor], 
 def _rollback(model: nn.Module, flags: list[tuple[Tensor, bool]], backups: dict[Tensor, Tensor]) -> None:
     """Put the model back as it was before a failed load: base modules, values, requires_grad."""
     for name, layer in lora_layers(model).items():
-        _set_submodule(model, name, layer.base_layer)
+        replace_submodule(model, name, layer.base_layer)
     remove_lora_config(model)
     with torch.no_grad():
         for tensor, value in backups.items():

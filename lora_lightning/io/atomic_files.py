@@ -25,6 +25,16 @@ MERGED_MARKERS = ("config.json", MERGED_WEIGHTS_NAME, MERGED_INDEX_NAME)  # what
 ADAPTER_DIR, MERGED_DIR = "adapter", "merged"  # the callback's exports inside its export_dir
 
 
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a file (text or bytes) through a temporary sibling and a rename, so no reader sees half of it."""
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if isinstance(data, bytes):
+        staging.write_bytes(data)
+    else:
+        staging.write_text(data)
+    os.replace(staging, path)
+
+
 def check_destination(target: Path, marker: tuple[str, ...] = ()) -> None:
     """A destination may be new, or a directory this kind of write made before (it holds a marker file).
 

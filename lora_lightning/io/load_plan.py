@@ -18,11 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from lora_lightning.config import ADAPTER_DTYPES, LoRAConfig
-from lora_lightning.inject import _modules_to_save, plan_targets, trains_bias
+from lora_lightning.inject import trains_bias
 from lora_lightning.io import peft_format as pf
 from lora_lightning.nn.inits import rewrites_base
 from lora_lightning.nn.layers import adaptable_kind
-from lora_lightning.nn.variants import TensorRole, roles_of
+from lora_lightning.nn.variant_table import roles_of
+from lora_lightning.nn.variants import TensorRole
+from lora_lightning.targets import modules_to_save, plan_targets
 
 _MAX_LISTED = 12  # problems listed in one error before "... and N more"
 
@@ -38,7 +40,7 @@ def outermost(names: Iterable[str]) -> list[str]:
 
 def saved_modules(root: nn.Module, config: LoRAConfig) -> list[str]:
     """Full names of the outermost modules ``config.modules_to_save`` selects in ``root``."""
-    return outermost(name for name, _ in _modules_to_save(root, config))
+    return outermost(name for name, _ in modules_to_save(root, config))
 
 
 def resolution(model: nn.Module, config: LoRAConfig) -> tuple:

@@ -1,23 +1,14 @@
-"""The base-layer seam: everything that depends on what kind of layer an adapter wraps.
+"""The dense kinds: ``nn.Linear`` (:class:`BaseKind`, which every kind extends), Conv1D, Embedding.
 
-A LoRA layer never reads its base layer's ``weight`` itself. It asks the layer's :class:`BaseKind`
-for the sizes, the dtype and device the adapter factors should match, the dense ``(out, in)``
-weight (a view, or a dequantized copy for a quantized kind), and to add an update ``alpha * left @
-right`` into the stored weight. Injection, load planning, merging and input grouping ask the same
-object, so a new kind of base layer (bitsandbytes 4-/8-bit, :mod:`lora_lightning.kinds.bnb`) is one
-new class here, not a change in every module that touches weights.
-
-Kinds known here: ``nn.Linear`` (weight ``(out, in)``), transformers ``Conv1D`` (GPT-2's linear,
-weight stored ``(in, out)``) and ``nn.Embedding`` (weight ``(num_embeddings, dim)``, which in the
-adapter's ``(out, in)`` terms is ``(in, out)``: the lookup side is the input). transformers is
-never imported here: Conv1D is recognised only when transformers is already loaded, which a model
-containing one implies.
+``nn.Linear`` stores its weight ``(out, in)``; transformers ``Conv1D`` (GPT-2's linear) stores it
+``(in, out)``; ``nn.Embedding`` stores ``(num_embeddings, dim)``, which in the adapter's ``(out,
+in)`` terms is ``(in, out)``: the lookup side is the input. transformers is never imported here:
+Conv1D is recognised only when transformers is already loaded, which a model containing one implies.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -158,49 +149,3 @@ def conv1d_class() -> type | None:
     """transformers' Conv1D if transformers is already imported (a model using it implies it is)."""
     module = sys.modules.get("transformers.pytorch_utils")
     return getattr(module, "Conv1D", None) if module is not None else None
-
-
-# Tried in order; quantized kinds (registered by lora_lightning.kinds.bnb) come first, since some
-# of them subclass nn.Linear.
-_KINDS: list[BaseKind] = [BaseKind(), Conv1DKind(), EmbeddingKind()]
-# Counters of packed tensors (4-bit weights hold two parameters a byte), registered with the kinds.
-_PACKED: list[Callable[[Tensor], int | None]] = []
-
-
-def register_kind(kind: BaseKind) -> None:
-    """Make a new kind of base layer adaptable (tried before the built-in ones); idempotent per class."""
-    if not any(type(k) is type(kind) for k in _KINDS):
-        _KINDS.insert(0, kind)
-
-
-def register_packed_numel(count: Callable[[Tensor], int | None]) -> None:
-    """Register how many parameters a packed tensor stands for (None: not a tensor it knows)."""
-    if count not in _PACKED:
-        _PACKED.append(count)
-
-
-def _load_quantized_kinds() -> None:
-    if "bitsandbytes" in sys.modules:  # its layers imply it is loaded; the module registers their kinds
-        import lora_lightning.kinds.bnb  # noqa: F401
-
-
-def logical_numel(param: Tensor) -> int:
-    """The number of parameters ``param`` stands for: its numel, unpacked for a packed 4-bit tensor."""
-    _load_quantized_kinds()
-    for count in _PACKED:
-        n = count(param)
-        if n is not None:
-            return n
-    return param.numel()
-
-
-def base_kind(module: nn.Module) -> BaseKind | None:
-    """The kind of ``module`` if an adapter can wrap it, else None."""
-    _load_quantized_kinds()
-    return next((kind for kind in _KINDS if kind.claims(module)), None)
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """A linear layer of any supported kind (not an embedding)."""
-    kind = base_kind(module)
-    return kind is not None and not kind.embedding

@@ -38,7 +38,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from lora_lightning.config import QUANT_METHODS, LoRAConfig
-from lora_lightning.inject import LoRAReport, inject_lora, lora_layers, modules_to_save_names
+from lora_lightning.inject import LoRAReport, inject_lora, lora_layers
 from lora_lightning.io.adapters import adapter_state_dict, export_merged, save_adapter
 from lora_lightning.io.atomic_files import ADAPTER_DIR, MERGED_DIR, check_export_destination
 from lora_lightning.io.export import holds_quantized
@@ -57,6 +57,8 @@ from lora_lightning.lightning.module_hooks import (
 )
 from lora_lightning.lightning.optimizers import restrict_optimizers
 from lora_lightning.merge import MergeFidelity, merge_and_unload, merge_lora
+from lora_lightning.quantize import quantize_model
+from lora_lightning.targets import modules_to_save_names, plan_targets
 
 CHECKPOINT_KEY = "lora_lightning"
 
@@ -230,9 +232,6 @@ class LoRACallback(pl.Callback):
         """Quantize the base once; a second setup (validate after fit) finds it done."""
         if self._quantized is not None and self._quantized() is target and holds_quantized(target):
             return
-        from lora_lightning.inject import plan_targets
-        from lora_lightning.kinds.bnb import quantize_model
-
         plan_targets(target, self.config)  # a config that cannot adapt this model fails before any change
         quantize_model(target, self.quantize, keep=modules_to_save_names(target, self.config))  # type: ignore[arg-type]
         self._quantized = weakref.ref(target)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lora_lightning.config import LoRAConfig
-from lora_lightning.inject import _set_submodule, inject_lora, lora_layers
+from lora_lightning.inject import inject_lora, lora_layers, replace_submodule
 from lora_lightning.lightning.checkpoint_record import base_fingerprint, compare_fingerprints
 from lora_lightning.nn.layers import adaptable_kind
 
@@ -91,7 +91,7 @@ class MergedAdapters:
         """
         for name, saved in self.layers.items():
             if saved.quantized is not None:
-                _set_submodule(model, name, saved.quantized)  # the quantized layer as it was before the merge
+                replace_submodule(model, name, saved.quantized)  # the quantized layer as it was before the merge
         inject_lora(model, config, initialize=False)
         layers = lora_layers(model)
         restored = set()

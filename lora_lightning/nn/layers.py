@@ -13,15 +13,21 @@ Both answer the same small protocol used by merge, save and report code: ``lora_
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lora_lightning.config import lora_scale
-from lora_lightning.kinds.dense import BaseKind, base_kind
+from lora_lightning.kinds import BaseKind, base_kind
 from lora_lightning.nn.inits import init_function
 from lora_lightning.nn.variants import PLAIN, LoRAVariant
 from lora_lightning.ops.lora_linear import fused_lora_linear
+
+
+def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """The adapter's scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 class LoRALayer(nn.Module):

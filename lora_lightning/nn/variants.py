@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lora_lightning.config import LoRAConfig
     from lora_lightning.nn.layers import LoRALayer
 
 
@@ -112,17 +111,3 @@ class LoRAVariant:
 PLAIN = LoRAVariant()
 #: every tensor role any variant defines: what a file's keys are parsed against
 ALL_ROLES: tuple[TensorRole, ...] = (LORA_A, LORA_B, MAGNITUDE)
-
-
-def variant_for(config: LoRAConfig) -> LoRAVariant:
-    """The variant a config asks for: DoRA with ``use_dora``, else plain LoRA."""
-    if config.use_dora:
-        from lora_lightning.nn.dora import DORA
-
-        return DORA
-    return PLAIN
-
-
-def roles_of(config: LoRAConfig) -> tuple[TensorRole, ...]:
-    """Every tensor role an adapted layer of this config owns (what a file must hold per module)."""
-    return variant_for(config).roles

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
+from lora_lightning.app.data.batches import model_inputs
 from lora_lightning.app.data.chat import Encoded
 from lora_lightning.app.errors import UsageError
-from lora_lightning.app.models.lightning_module import model_inputs
 
 
 @dataclass(frozen=True)

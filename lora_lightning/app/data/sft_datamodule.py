@@ -22,12 +22,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from lora_lightning.app.data.batches import check_fits_positions
 from lora_lightning.app.data.chat import IGNORE, Encoded, encode, ensure_chat_template
 from lora_lightning.app.data.packing import PackedRow, check_packing_isolates, pack_rows
 from lora_lightning.app.data.records import Example
 from lora_lightning.app.data.token_blocks import spread
 from lora_lightning.app.errors import UsageError
-from lora_lightning.app.models.loading import check_fits_positions
 
 log = logging.getLogger(__name__)
 TRUNCATION = ("drop", "truncate")

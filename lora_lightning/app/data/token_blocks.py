@@ -14,10 +14,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lora_lightning.app.data.batches import check_fits_positions
+
 # The sources lived here first; configs and user code name them as lora_lightning.app.data.token_blocks.<Source>.
 from lora_lightning.app.data.text_sources import HFDataset, PydocTopics, StdlibCode, TextFiles, split_of
 from lora_lightning.app.errors import UsageError
-from lora_lightning.app.models.loading import check_fits_positions
 
 __all__ = ["HFDataset", "PydocTopics", "StdlibCode", "TextFiles", "TokenBlockDataModule", "pack", "split_of", "spread"]
 

@@ -15,6 +15,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
+from lora_lightning.app.data.batches import model_inputs
+
 OPTIM_KEYS = ("name", "lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio")
 # AdamW, or bitsandbytes' 8-bit AdamW (optimizer state in 8 bits), paged to host memory under pressure.
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
@@ -51,20 +53,6 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
         return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
-
-
-def model_inputs(batch: Mapping[str, Tensor]) -> dict[str, Any]:
-    """The forward arguments of a batch: ``input_ids`` and its ``attention_mask`` or packed ``position_ids``.
-
-    Packed rows (position ids restarting at each example) go without an attention mask and without
-    a cache: only then does transformers derive the mask that keeps a row's examples apart.
-    """
-    inputs: dict[str, Any] = {"input_ids": batch["input_ids"]}
-    if "attention_mask" in batch:
-        inputs["attention_mask"] = batch["attention_mask"]
-    if "position_ids" in batch:
-        inputs.update(position_ids=batch["position_ids"], use_cache=False)
-    return inputs
 
 
 def _shifted(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_lightning.app.data.chat import ensure_chat_template
 from lora_lightning.app.errors import UsageError
+from lora_lightning.app.models.quant import quantization_kwargs
+from lora_lightning.app.models.tiny_base import ensure_base
 from lora_lightning.config import ALL_LINEAR
 
 ROLES = ("qv", "attention", "mlp", "all_linear")
@@ -81,20 +84,6 @@ def check_name_or_path(name_or_path: Any) -> None:
         )
 
 
-def max_positions(model: Any) -> int | None:
-    """The longest sequence a model takes (``max_position_embeddings``, GPT-2's ``n_positions``), if it says."""
-    config = getattr(model, "config", None)
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    return positions if isinstance(positions, int) else None
-
-
-def check_fits_positions(model: Any, length: int, field: str) -> None:
-    """Refuse sequences longer than the model's positions."""
-    positions = max_positions(model)
-    if positions is not None and length > positions:
-        raise UsageError(f"{field}={length} exceeds the model's {positions} positions; use at most {positions}")
-
-
 def _dtype_kwargs(torch_dtype: str | None) -> dict[str, Any]:
     if torch_dtype is None:
         return {}
@@ -137,8 +126,6 @@ def pretrained(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_lightning.app.models.quant import quantization_kwargs
-
     check_name_or_path(name_or_path)
     common: dict[str, Any] = {"revision": revision, "trust_remote_code": bool(trust_remote_code)}
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **common)
@@ -168,8 +155,6 @@ def tiny_pretrained(
     The arguments describe the base (they form its cache key); the base is then loaded through
     :func:`pretrained` from its cache directory, exactly as a hub model would be.
     """
-    from lora_lightning.app.data.chat import ensure_chat_template
-    from lora_lightning.app.models.tiny_base import ensure_base
 
     path = ensure_base(name, _plain(architecture), _plain(tokenizer), _plain(pretrain), cache_dir)
     loaded = pretrained(str(path), name=name, torch_dtype=torch_dtype, target_roles=target_roles, quant=quant)

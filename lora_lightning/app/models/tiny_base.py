@@ -20,6 +20,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from lora_lightning.app.console import console
+from lora_lightning.app.data.token_blocks import PydocTopics, TokenBlockDataModule
+from lora_lightning.app.models.lightning_module import CausalLMModule
+from lora_lightning.app.trainer import StepProgressBar
+
 BASE_FORMAT = 1  # bump when the build recipe changes, so old cache entries are not reused
 MANIFEST = "lora_lightning_base.json"
 EOS = "<|endoftext|>"
@@ -135,11 +140,6 @@ def _build(name: str, spec: Mapping[str, Any], out: Path) -> None:
     import lightning as L
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lora_lightning.app.data.token_blocks import PydocTopics, TokenBlockDataModule
-    from lora_lightning.app.models.lightning_module import CausalLMModule
-    from lora_lightning.app.run.summary import console
-    from lora_lightning.app.trainer import StepProgressBar
 
     pretrain = spec["pretrain"]
     start = time.perf_counter()

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from lightning.pytorch.loggers import Logger, WandbLogger
 
+from lora_lightning.app.console import console
+from lora_lightning.app.data.batches import max_positions
 from lora_lightning.app.data.records import Example
-from lora_lightning.app.models.loading import max_positions
-from lora_lightning.app.run.summary import console
 
 COLUMNS = ("prompt", "reference", "base", "tuned")
 _LABEL = len("merged, reloaded")  # the recap's label column (report.print_recap), so the lines align

@@ -28,12 +28,13 @@ from lora_lightning.app.run.generation import check_sample, continuation
 from lora_lightning.app.run.job_record import OK, eval_key, run_recorded
 from lora_lightning.app.run.memory import PeakMeter
 from lora_lightning.app.run.methods import Method, build_method, method_name
-from lora_lightning.app.run.summary import CONFIG_FILE, SUMMARY_FILE, print_recap, write_atomic, write_summary
+from lora_lightning.app.run.summary import CONFIG_FILE, SUMMARY_FILE, print_recap, write_summary
 from lora_lightning.app.run.tracking import build_logger, check_logger, finish, log_results, log_run_config
 from lora_lightning.app.trainer import check_trainer, progress_callbacks
 from lora_lightning.config import LoRAConfig
-from lora_lightning.inject import plan_targets
+from lora_lightning.io.atomic_files import write_atomic
 from lora_lightning.lightning.callback import LoRACallback
+from lora_lightning.targets import plan_targets
 
 MONITORS = ("val/loss", "val/ppl")  # what the job can return; both lower-is-better
 

@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
+
+from lora_lightning.app.console import console
+from lora_lightning.io.atomic_files import write_atomic
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
-
-
-@cache
-def console() -> Console:
-    return Console(highlight=False)
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a file (text or bytes) through a temporary sibling and a rename, so no reader sees half of it."""
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if isinstance(data, bytes):
-        staging.write_bytes(data)
-    else:
-        staging.write_text(data)
-    os.replace(staging, path)
 
 
 def write_summary(output_dir: Path, summary: dict[str, Any]) -> Path:

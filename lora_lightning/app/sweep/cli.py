@@ -16,6 +16,9 @@ from typing import Any
 import yaml
 
 from lora_lightning.app.errors import UsageError
+from lora_lightning.app.run.tracking import sweep_group, wandb_settings
+from lora_lightning.app.sweep.callback import finish_report
+from lora_lightning.app.sweep.report import failure_line
 from lora_lightning.app.sweep.rows import OK, UNFINISHED, find_jobs
 
 PROG = "lora-lightning-report"
@@ -23,7 +26,6 @@ PROG = "lora-lightning-report"
 
 def _jobs_group(hydra_yaml: Path) -> str | None:
     """The W&B group a job derived from its sweep directory, which may since have been moved or copied."""
-    from lora_lightning.app.run.tracking import sweep_group
 
     if not hydra_yaml.is_file():
         return None
@@ -34,7 +36,6 @@ def _jobs_group(hydra_yaml: Path) -> str | None:
 
 def _wandb_from_jobs(sweep_dir: Path) -> dict[str, Any] | None:
     """The W&B settings the sweep's jobs used (from the first job's .hydra/config.yaml)."""
-    from lora_lightning.app.run.tracking import sweep_group, wandb_settings
 
     for job in find_jobs(sweep_dir):
         path = job / ".hydra" / "config.yaml"
@@ -60,8 +61,6 @@ def main(argv: list[str] | None = None) -> None:
         "--wandb", action="store_true", help="also log the report as a run in the sweep's W&B group (as the jobs did)"
     )
     args = parser.parse_args(argv)
-    from lora_lightning.app.sweep.callback import finish_report
-    from lora_lightning.app.sweep.report import failure_line
 
     try:
         find_jobs(args.sweep_dir)  # a missing, empty or foreign directory fails before anything is written

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_lightning.app.run.summary import write_atomic
+from lora_lightning.app.console import console
 from lora_lightning.app.sweep.figure import plottable, render_png
 from lora_lightning.app.sweep.findings import findings
 from lora_lightning.app.sweep.rows import COLUMNS, OK, best_row, read_rows, varying_overrides
+from lora_lightning.io.atomic_files import write_atomic
 
 CSV_FILE, MD_FILE, PNG_FILE = "sweep.csv", "sweep.md", "sweep.png"
 
@@ -158,8 +159,6 @@ def failure_line(report: Report, *, count_unfinished: bool) -> str | None:
 def print_report(report: Report) -> None:
     """Where the report is, and the best job: the lines a sweep ends with."""
     from rich.markup import escape
-
-    from lora_lightning.app.run.summary import console
 
     out = console()
     out.print(f"[bold]lora-lightning: sweep report[/bold] ({report.tally()})")

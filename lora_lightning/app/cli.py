@@ -12,6 +12,11 @@ import os
 import sys
 from pathlib import Path
 
+import hydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
 from lora_lightning.app.console import library_noise
 from lora_lightning.app.errors import PROG, USER_FULL_ERROR_ENV, UsageExit, full_error_requested, one_line
 from lora_lightning.app.run.job import run
@@ -36,8 +41,6 @@ def config_dir() -> Path:
 
 
 def _hydra_main() -> None:
-    import hydra
-    from omegaconf import DictConfig
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
     def task(cfg: DictConfig) -> float:
@@ -49,8 +52,6 @@ def _hydra_main() -> None:
 
 def _is_config_error(error: BaseException) -> bool:
     """Errors of composition or overrides (unknown group choice, bad syntax, missing key)."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     return isinstance(error, (HydraException, OmegaConfBaseException))
 

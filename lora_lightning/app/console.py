@@ -19,6 +19,7 @@ from functools import cache
 from typing import Any
 
 from rich.console import Console
+from transformers.utils import logging as hf_logging
 
 
 @cache
@@ -71,7 +72,6 @@ def library_noise(verbose: bool) -> Iterator[None]:
 
 def _hide_transformers_bars():
     """Disable transformers' own progress bars; returns the function that restores them."""
-    from transformers.utils import logging as hf_logging
 
     set_hook = getattr(hf_logging, "set_tqdm_hook", None)
     if set_hook is not None:  # transformers >= 5: a hook that touches only transformers' bars

@@ -14,6 +14,10 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from omegaconf.errors import OmegaConfBaseException
+
 PROG = "lora-lightning"
 # Set by main() before Hydra starts, so the choice survives main() setting HYDRA_FULL_ERROR itself.
 USER_FULL_ERROR_ENV = "LORA_LIGHTNING_FULL_ERROR"
@@ -71,7 +75,6 @@ def describe(error: BaseException) -> str:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean "the input is wrong", when raised before the work starts."""
-    from omegaconf.errors import OmegaConfBaseException  # an unset ??? value, a bad interpolation
 
     return (ValueError, TypeError, OSError, ImportError, KeyError, OmegaConfBaseException)
 
@@ -117,7 +120,6 @@ def _remove_empty_parents(directory: Path) -> None:
 
 def _launch_dir() -> Path:
     """The directory the command was started in (Hydra's ``runtime.cwd``)."""
-    from hydra.core.hydra_config import HydraConfig
 
     cwd = HydraConfig.get().runtime.cwd if HydraConfig.initialized() else os.getcwd()
     return Path(cwd).resolve()
@@ -136,14 +138,12 @@ def job_started(output_dir: Path) -> None:
 
 def _job_name() -> str:
     """Hydra's job name, which names the job's log file (``<name>.log``)."""
-    from hydra.core.hydra_config import HydraConfig
 
     return str(HydraConfig.get().job.name) if HydraConfig.initialized() else "main"
 
 
 def _cause_of_instantiation(error: BaseException) -> BaseException:
     """What a config target's constructor raised: Hydra wraps it in an InstantiationException."""
-    from hydra.errors import InstantiationException
 
     while isinstance(error, InstantiationException) and error.__cause__ is not None:
         error = error.__cause__

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import RichProgressBar
 
 from lora_lightning.app.console import LIGHTNING_INFO_LOGGERS
@@ -51,7 +52,6 @@ def check_trainer(trainer_cfg: Mapping[str, Any]) -> None:
         UsageError: a non-positive ``max_steps``, an unknown precision or accelerator, a key the
             Trainer does not take, ...
     """
-    from hydra.utils import instantiate
 
     check_max_steps(trainer_cfg.get("max_steps"))
     try:

@@ -13,7 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from rich.console import Console
+from rich.table import Table
 from torch import nn
 
 from lora_lightning.summary import LoRAReport
@@ -99,7 +102,6 @@ def enable_input_grads_for_checkpointing(target: nn.Module) -> list[nn.Module]:
 
 def fsdp_root(trainer: pl.Trainer) -> nn.Module | None:
     """The FSDP-wrapped model under Lightning's FSDPStrategy, else None."""
-    from lightning.pytorch.strategies import FSDPStrategy
 
     return trainer.strategy.model if isinstance(trainer.strategy, FSDPStrategy) else None
 
@@ -107,8 +109,6 @@ def fsdp_root(trainer: pl.Trainer) -> nn.Module | None:
 def print_report(report: LoRAReport, full: bool = False) -> None:
     """The adapted-module table (a row per role across layers; per module with ``full``) and
     PEFT's counts line, as a rich table."""
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(title="LoRA adapters", title_justify="left")
     for column, justify in (("module", "left"), ("type", "left"), ("in", "right"), ("out", "right"), ("r", "right")):

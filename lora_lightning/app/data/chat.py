@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2.exceptions import TemplateError
+
 from lora_lightning.app.data.records import ASSISTANT, Example, Message
 from lora_lightning.app.errors import UsageError
 
@@ -78,7 +80,6 @@ class Encoded:
 
 
 def _render(tokenizer: Any, messages: Sequence[Message], generation_prompt: bool, where: str) -> str:
-    from jinja2.exceptions import TemplateError
 
     try:
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)

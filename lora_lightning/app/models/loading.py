@@ -17,6 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from lora_lightning.app.data.chat import ensure_chat_template
 from lora_lightning.app.errors import UsageError
 from lora_lightning.app.models.quant import quantization_kwargs
@@ -89,8 +94,6 @@ def _dtype_kwargs(torch_dtype: str | None) -> dict[str, Any]:
         return {}
     if torch_dtype not in _DTYPES:
         raise UsageError(f"model.torch_dtype must be one of {', '.join(_DTYPES)}, got {torch_dtype!r}")
-    import torch
-    import transformers
 
     value = torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
     # transformers 5 renamed torch_dtype to dtype; 4.x only knows torch_dtype.
@@ -124,7 +127,6 @@ def pretrained(
         quant: the app's ``quant`` group (:mod:`lora_lightning.app.models.quant`): load the base in 4 or 8 bits.
         gradient_checkpointing: recompute activations in backward (less memory, more time).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_name_or_path(name_or_path)
     common: dict[str, Any] = {"revision": revision, "trust_remote_code": bool(trust_remote_code)}
@@ -167,8 +169,6 @@ def tiny_pretrained(
 def _plain(node: Any) -> dict[str, Any]:
     """A plain dict from a mapping that may be an OmegaConf DictConfig (when called by Hydra)."""
     try:
-        from omegaconf import DictConfig, OmegaConf
-
         if isinstance(node, DictConfig):
             return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
     except ImportError:  # pragma: no cover - omegaconf is a dependency of the app

@@ -12,6 +12,9 @@ import importlib.util
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+from transformers import BitsAndBytesConfig
+
 from lora_lightning.app.errors import UsageError
 from lora_lightning.config import QUANT_METHODS
 
@@ -38,8 +41,6 @@ def quantization_kwargs(quant: Mapping[str, Any] | None, torch_dtype: str | None
     if method is None:
         return {}
     check_quant(quant)
-    import torch
-    from transformers import BitsAndBytesConfig
 
     if method == "int8":
         config = BitsAndBytesConfig(load_in_8bit=True)

@@ -20,6 +20,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+import torch
+from filelock import FileLock
+from lightning.pytorch.utilities.seed import isolate_rng
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
 from lora_lightning.app.console import console
 from lora_lightning.app.data.token_blocks import PydocTopics, TokenBlockDataModule
 from lora_lightning.app.models.lightning_module import CausalLMModule
@@ -46,8 +53,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
     Returns:
         A ``transformers`` fast tokenizer, ready for ``save_pretrained``.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     if not isinstance(vocab_size, int) or vocab_size < 257:
         raise ValueError(
@@ -111,8 +116,6 @@ def ensure_base(
     Returns:
         A directory that ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load.
     """
-    from filelock import FileLock
-    from lightning.pytorch.utilities.seed import isolate_rng
 
     _check_spec(architecture, pretrain)
     spec = {"architecture": dict(architecture), "tokenizer": dict(tokenizer), "pretrain": dict(pretrain)}
@@ -137,9 +140,6 @@ def ensure_base(
 
 
 def _build(name: str, spec: Mapping[str, Any], out: Path) -> None:
-    import lightning as L
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     pretrain = spec["pretrain"]
     start = time.perf_counter()

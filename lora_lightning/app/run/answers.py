@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.loggers import Logger, WandbLogger
+from rich.markup import escape
 
 from lora_lightning.app.console import console
 from lora_lightning.app.data.batches import max_positions
@@ -108,7 +109,6 @@ def _short(text: str | None, limit: int = 160) -> str:
 
 def print_answers(rows: list[dict[str, Any]] | None, data: dict[str, Any] | None) -> None:
     """The data counts and the answers, after the recap (one line per field, long texts shortened)."""
-    from rich.markup import escape
 
     out = console()
     for split, counts in (data or {}).get("counts", {}).items():

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_lightning.app.errors import UsageError, job_started, user_errors
 from lora_lightning.app.models.lightning_module import CausalLMModule, check_optim, evaluate_perplexity
@@ -73,7 +74,6 @@ def _validate(trainer: L.Trainer, module: L.LightningModule, datamodule: Any) ->
 
 def _check_merged(merged_dir: Path, datamodule: Any, sample: DictConfig | None) -> tuple[float, str | None]:
     """Reload the exported model as a user would, score it, and let it continue the sample prompt."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(merged_dir).to(device)

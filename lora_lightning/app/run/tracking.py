@@ -15,6 +15,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,8 +34,6 @@ def sweep_group(sweep_dir: str | Path) -> str:
 
 def job_identity(default_name: str) -> tuple[str | None, str]:
     """``(group, name)`` for the current Hydra job: the sweep's group (None for a single run), the overrides."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     hydra_cfg = HydraConfig.get()
     name = hydra_cfg.job.override_dirname or default_name
@@ -59,8 +60,6 @@ def _kind(logger_cfg: Any) -> str:
 def swept_name(name: str) -> str:
     """A short run name for directories: in a multirun, only the overrides this job does not share
     with the whole sweep (``logger=tensorboard,rank=r4``); ``name`` otherwise. At most 150 characters."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
@@ -102,8 +101,6 @@ def check_logger(logger_cfg: DictConfig | None) -> None:
 def _tracking_root(output_dir: Path) -> Path:
     """Where a job's local tracking files go: the sweep dir for a multirun (one store for the
     sweep), else the job's output dir."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     hydra_cfg = HydraConfig.get()
     return Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else output_dir
@@ -111,7 +108,6 @@ def _tracking_root(output_dir: Path) -> Path:
 
 def build_logger(logger_cfg: DictConfig | None, output_dir: Path, default_name: str) -> Logger | None:
     """Instantiate the configured logger (None for ``logger=none``), with W&B group and name filled in."""
-    from hydra.utils import instantiate
 
     if not logger_cfg or logger_cfg.get("_target_") is None:
         return None

@@ -12,6 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
 from lora_lightning.app.errors import UsageError
 
 
@@ -41,7 +44,6 @@ def check_group_choices(overrides: list[tuple[str, str]], group_options: Callabl
     Raises:
         UsageError: naming the key, the unknown value, where it was given, and the options.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
     for where, text in overrides:
@@ -64,7 +66,6 @@ def check_group_choices(overrides: list[tuple[str, str]], group_options: Callabl
 
 def check_sweep(config: Any) -> None:
     """Check the group choices of the multirun described by ``config`` (Hydra's composed sweep config)."""
-    from hydra.core.global_hydra import GlobalHydra
 
     if not GlobalHydra.instance().is_initialized():
         return

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from lora_lightning.app.console import console
 from lora_lightning.app.sweep.figure import plottable, render_png
 from lora_lightning.app.sweep.findings import findings
@@ -158,7 +160,6 @@ def failure_line(report: Report, *, count_unfinished: bool) -> str | None:
 
 def print_report(report: Report) -> None:
     """Where the report is, and the best job: the lines a sweep ends with."""
-    from rich.markup import escape
 
     out = console()
     out.print(f"[bold]lora-lightning: sweep report[/bold] ({report.tally()})")

@@ -26,10 +26,10 @@ if ls .whl/bitsandbytes-*.whl >/dev/null 2>&1 \
   && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
   export PYTHONPATH="/tmp/site:$PWD:${PYTHONPATH:-}"
   # Lightning's BitsandbytesPrecision (CUDA-only) with LoRACallback, in either order of setup.
-  python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_quantized.py || status=1
+  python3 -m pytest -q -m cuda -p no:cacheprovider tests/kinds/test_bnb.py || status=1
   # The same file on the host CPU (its features first): the AVX512-BF16 / AMX paths of bitsandbytes.
   echo "host CPU features: $(grep -o -w 'avx2\|avx512f\|avx512_bf16\|amx_bf16\|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' ')"
-  CUDA_VISIBLE_DEVICES= python3 -m pytest -q -p no:cacheprovider tests/test_quantized.py || status=1
+  CUDA_VISIBLE_DEVICES= python3 -m pytest -q -p no:cacheprovider tests/kinds/test_bnb.py || status=1
   # QLoRA at the Llama-3-8B shape (1x2048 tokens, nf4 double quant, bf16 compute, gradient
   # checkpointing): ours against PEFT + bitsandbytes.
   python3 -W ignore benchmarks/qlora.py --size 8b --variants qlora,peft_qlora,lora_bf16 --steps 5 --cache /tmp

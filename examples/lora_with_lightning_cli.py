@@ -75,7 +75,13 @@ class SourceBytes(L.LightningDataModule):
 
 def main() -> None:
     try:
-        LightningCLI(CausalLM, SourceBytes, save_config_kwargs={"overwrite": True})
+        # The run's files (LightningCLI's config.yaml, any checkpoint) go under lora-cli-out/, not the cwd.
+        LightningCLI(
+            CausalLM,
+            SourceBytes,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"default_root_dir": "lora-cli-out/run"},
+        )
     except (ValueError, TypeError) as error:  # a wrong value: jsonargparse wraps the class's own message
         while error.__cause__ is not None:
             error = error.__cause__

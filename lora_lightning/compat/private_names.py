@@ -3,7 +3,7 @@
 A private name is a promise nobody made: it can move or vanish in any release. Each one used here
 has no public equivalent (docs/ARCHITECTURE.md lists them and why), is resolved through
 :func:`private` so that a missing one fails with a message naming the package version and the
-name, and is checked by ``tests/test_private_names.py``, which fails as soon as a release moves it.
+name, and is checked by ``tests/compat/test_private_names.py``, which fails as soon as a release moves it.
 
 Attribute names read off third-party objects (``nn.Module._non_persistent_buffers_set`` and the
 like) are listed in :data:`PRIVATE_ATTRIBUTES` and checked by the same test on real objects.

@@ -49,6 +49,7 @@ from lora_lightning.lightning.checkpoint_record import (
     checkpoint_metadata,
 )
 from lora_lightning.lightning.fit_merge import MergedAdapters, snapshot_merged
+from lora_lightning.lightning.fit_state import AdapterKeys, FitState
 from lora_lightning.lightning.module_hooks import (
     enable_input_grads_for_checkpointing,
     fsdp_root,
@@ -156,17 +157,7 @@ class LoRACallback(pl.Callback):
         self.report: LoRAReport | None = None
         self.merge_fidelity: MergeFidelity | None = None  # how much of the update the fit-end merge kept
         self.export_paths: dict[str, Path] = {}
-        self._fingerprint: dict[str, Any] | None = None
-        self._frozen_keys: set[str] = set()  # LightningModule state_dict keys left out of checkpoints
-        self._adapter_keys: list[str] = []  # LightningModule state_dict keys a checkpoint must hold
-        self._own_adapter_keys: set[str] = set()  # the same, relative to the adapted submodule
-        self._merged: MergedAdapters | None = None  # what the last fit end merged, and into which module
-        self._quantized: weakref.ref[nn.Module] | None = None  # the module this callback quantized
-        self._restored_by_unmerge: set[str] = set()  # fingerprint names restored by our own unmerge
-        self._readapted_stage: str | None = None
-        self._input_grads_enabled: list[nn.Module] = []
-        self._done_at_train_end = False
-        self._stage = "fit"
+        self.state = FitState()  # the fit / merge / resume state: phases and what each needs (fit_state.py)
 
     @property
     def state_key(self) -> str:
@@ -190,7 +181,7 @@ class LoRACallback(pl.Callback):
         return f"{self.module}." if self.module else ""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._stage = stage
+        self.state.stage = stage
         if stage == "fit" and self.export_dir is not None:  # the fit-end writes, checked before any step
             check_export_destination(self.export_dir)
         pl_module.strict_loading = False
@@ -200,7 +191,7 @@ class LoRACallback(pl.Callback):
             restrict=lambda result: self._restrict_optimizers(pl_module, result),
             on_save=self._filter_checkpoint,
             on_load=lambda checkpoint: self._check_checkpoint(pl_module, checkpoint),
-            after_configure_model=lambda: self._prepare(pl_module, self._stage),
+            after_configure_model=lambda: self._prepare(pl_module, self.state.stage),
         )
         if is_overridden("configure_model", pl_module):
             return  # the wrapped configure_model injects once the network exists
@@ -209,10 +200,10 @@ class LoRACallback(pl.Callback):
     def _prepare(self, pl_module: pl.LightningModule, stage: str) -> None:
         target = self._target(pl_module)
         if not lora_layers(target):
-            if self._merged is not None and self._merged.matches(target):
+            if self.state.merged_into(target):
                 if stage != "fit":
                     return  # evaluate the merged model as it is; a checkpoint load re-adapts it
-                self._readapt(target, self._merged, stage)
+                self.state.readapt(self.state.merged.restore(target, self.config), stage)
             else:
                 self._start_afresh(target)
         if self.quantize is not None and not lora_layers(target):
@@ -222,34 +213,32 @@ class LoRACallback(pl.Callback):
         # What belongs to the adapter (factors, trained biases, modules_to_save; lora_A too under
         # LoRA-FA, where it is frozen but still part of the adapter) is what checkpoints keep;
         # everything else in the target is the base the fingerprint describes.
-        self._own_adapter_keys = set(adapter_state_dict(target))
-        if self._fingerprint is None:
-            self._fingerprint = base_fingerprint(base_tensors(target, self._own_adapter_keys))
-        self._adapter_keys = sorted(prefix + key for key in self._own_adapter_keys)
-        self._frozen_keys = {prefix + key for key in target.state_dict() if key not in self._own_adapter_keys}
+        own = set(adapter_state_dict(target))
+        keys = AdapterKeys(
+            own=own,
+            checkpointed=sorted(prefix + key for key in own),
+            frozen={prefix + key for key in target.state_dict() if key not in own},
+        )
+        known = self.state.fingerprint
+        self.state.adapted(keys, known if known is not None else base_fingerprint(base_tensors(target, own)))
 
     def _quantize(self, target: nn.Module) -> None:
         """Quantize the base once; a second setup (validate after fit) finds it done."""
-        if self._quantized is not None and self._quantized() is target and holds_quantized(target):
+        quantized = self.state.quantized
+        if quantized is not None and quantized() is target and holds_quantized(target):
             return
         plan_targets(target, self.config)  # a config that cannot adapt this model fails before any change
         quantize_model(target, self.quantize, keep=modules_to_save_names(target, self.config))  # type: ignore[arg-type]
-        self._quantized = weakref.ref(target)
+        self.state.quantized = weakref.ref(target)
 
     def _start_afresh(self, target: nn.Module) -> None:
         """Forget an earlier fit's merge: ``target`` is not that merged module (or changed since)."""
-        if self._merged is not None:
+        if self.state.merged is not None:
             rank_zero_info(
                 f"LoRACallback: adapting {type(target).__name__} from scratch: it is not the module this callback "
                 "merged at its last fit end (or its weights changed since), so that merge is not undone"
             )
-        self._merged, self._fingerprint, self._restored_by_unmerge = None, None, set()
-
-    def _readapt(self, target: nn.Module, merged: MergedAdapters, stage: str) -> None:
-        """Re-inject the adapters merged at fit end and unmerge them: the base weights come back."""
-        self._restored_by_unmerge = merged.restore(target, self.config)
-        self._merged = None
-        self._readapted_stage = stage
+        self.state.start_afresh()
 
     # -- optimizer -----------------------------------------------------------------------------
 
@@ -274,17 +263,14 @@ class LoRACallback(pl.Callback):
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def _metadata(self) -> dict[str, Any]:
-        return checkpoint_metadata(self.config, self._fingerprint or {}, self._adapter_keys)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._metadata() if self._fingerprint is not None else {}
-
     def _filter_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("state_dict")
-        if state is not None and self._frozen_keys:
-            checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in self._frozen_keys}
-        checkpoint[CHECKPOINT_KEY] = self._metadata()
+        """Keep the adapter's tensors only, and the record a load checks (written once, here)."""
+        state, frozen = checkpoint.get("state_dict"), self.state.keys.frozen
+        if state is not None and frozen:
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in frozen}
+        checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(
+            self.config, self.state.fingerprint or {}, self.state.keys.checkpointed
+        )
 
     def _check_checkpoint(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         target = self._target(pl_module)
@@ -293,16 +279,16 @@ class LoRACallback(pl.Callback):
         check_adapter_checkpoint(
             checkpoint.get(CHECKPOINT_KEY),
             self.config,
-            base_fingerprint(base_tensors(target, self._own_adapter_keys)),
-            self._adapter_keys,
+            base_fingerprint(base_tensors(target, self.state.keys.own)),
+            self.state.keys.checkpointed,
             checkpoint.get("state_dict", {}),
-            self._restored_by_unmerge,
+            self.state.restored_by_unmerge,
         )
 
     # -- fit start: report and logging ---------------------------------------------------------
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._input_grads_enabled = enable_input_grads_for_checkpointing(self._target(pl_module))
+        self.state.input_grads = enable_input_grads_for_checkpointing(self._target(pl_module))
         if self.report is None:
             return
         if trainer.is_global_zero:
@@ -322,18 +308,18 @@ class LoRACallback(pl.Callback):
 
         with FullyShardedDataParallel.summon_full_params(fsdp_model, writeback=True):
             self._export_and_merge(trainer, pl_module, unload=False)
-        self._done_at_train_end = True
+        self.state.done_at_train_end = True
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._done_at_train_end:
-            self._done_at_train_end = False
+        if self.state.done_at_train_end:
             if self.merge_on_fit_end:
                 merge_and_unload(self._target(pl_module))  # already merged: puts plain layers back
         else:
             self._export_and_merge(trainer, pl_module, unload=True)
-        for module in self._input_grads_enabled:
+        self.state.finished_fit()
+        for module in self.state.input_grads:
             module.disable_input_require_grads()
-        self._input_grads_enabled = []
+        self.state.input_grads = []
 
     def _export_and_merge(self, trainer: pl.Trainer, pl_module: pl.LightningModule, unload: bool) -> None:
         """Write the adapter, merge (and unload), write the merged model; rank zero writes."""
@@ -358,7 +344,7 @@ class LoRACallback(pl.Callback):
             layers = snapshot_merged(target)
             if unload:  # (under FSDP the plain layers go back at fit end)
                 merge_and_unload(target)
-            self._merged = MergedAdapters(target, layers)
+            self.state.merged_at_fit_end(MergedAdapters(target, layers), in_place=not unload)
             self._report_merge(trainer)
         if writes and not export_first:
             self.export_paths["merged"] = export_merged(target, merged_dir, tokenizer=tokenizer)
@@ -378,12 +364,13 @@ class LoRACallback(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # A validate/test that re-adapted a merged model to load a checkpoint leaves it merged again.
-        if self._readapted_stage is not None and stage != "fit" and self.merge_on_fit_end:
+        merged_again = None
+        if self.state.readapted_stage is not None and stage != "fit" and self.merge_on_fit_end:
             target = self._target(pl_module)
             layers = snapshot_merged(merge_lora(target))
             merge_and_unload(target)
-            self._merged = MergedAdapters(target, layers)
-        self._readapted_stage = None
+            merged_again = MergedAdapters(target, layers)
+        self.state.torn_down(merged_again)
 
 
 __all__ = ["LoRACallback", "default_optimizer"]

@@ -6,12 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lora_lightning import LoRACallback, LoRAConfig, inject_lora
 from lora_lightning.inject import lora_layers
+from lora_lightning.lightning.fit_state import Phase
 from tests.lightning.test_callback import _trainer
 from tests.lightning_modules import CausalLM, token_data
 
@@ -178,13 +180,19 @@ def test_validate_and_test_after_merge_load_checkpoint_adapters_correctly(tmp_pa
     callback = _callback()
     trainer = _trainer(tmp_path, [callback, checkpoint], max_epochs=3, enable_checkpointing=True)
     val = token_data(n=16, seed=5)
+    assert callback.state.phase is Phase.FRESH
     trainer.fit(module, token_data(), val)
-    assert not lora_layers(module)  # merged at fit end
+    assert not lora_layers(module) and callback.state.phase is Phase.MERGED  # merged at fit end
     epoch0 = str(sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))[0])
 
+    phases = []
+    probe = pl.Callback()
+    probe.on_validation_start = lambda trainer, module: phases.append(callback.state.phase)
+    trainer.callbacks.append(probe)
     (result,) = trainer.validate(module, val, ckpt_path=epoch0)
     assert result["val/loss"] == pytest.approx(_adapted_val_loss(epoch0), rel=1e-5)
-    assert not lora_layers(module)  # and merged again afterwards
+    assert phases == [Phase.READAPTED]  # re-adapted to load the checkpoint's adapters
+    assert not lora_layers(module) and callback.state.phase is Phase.MERGED  # and merged again afterwards
 
     (result,) = trainer.test(module, val, ckpt_path="best")
     assert result["val/loss"] == pytest.approx(_adapted_val_loss(checkpoint.best_model_path), rel=1e-5)

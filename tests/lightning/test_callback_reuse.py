@@ -44,7 +44,7 @@ def test_a_reused_callback_adapts_each_fresh_model_from_its_own_weights(tmp_path
         for name, weight in probe.seen[run].items():
             assert torch.equal(weight, pretrained[name]), (run, name)
         # what was exported / left merged is this run's base plus this run's update only
-        saved = lora._merged.layers[Q_PROJ].tensors
+        saved = lora.state.merged.layers[Q_PROJ].tensors
         A, B = saved["lora_A"], saved["lora_B"]
         want = pretrained[Q_PROJ] + 2.0 * (B @ A)
         torch.testing.assert_close(module.model.model.layers[0].self_attn.q_proj.weight, want)

@@ -26,10 +26,10 @@ from lora_lightning.app.models.loading import LoadedModel, check_name_or_path, r
 from lora_lightning.app.models.quant import check_quant
 from lora_lightning.app.run.answers import AnswerProbe, log_answers, print_answers
 from lora_lightning.app.run.generation import check_sample, continuation
-from lora_lightning.app.run.job_record import OK, eval_key, run_recorded
+from lora_lightning.app.run.job_record import eval_key, run_recorded
 from lora_lightning.app.run.memory import PeakMeter
 from lora_lightning.app.run.methods import Method, build_method, method_name
-from lora_lightning.app.run.summary import CONFIG_FILE, SUMMARY_FILE, print_recap, write_summary
+from lora_lightning.app.run.summary import CONFIG_FILE, OK, SUMMARY_FILE, JobSummary, print_recap, write_summary
 from lora_lightning.app.run.tracking import build_logger, check_logger, finish, log_results, log_run_config
 from lora_lightning.app.trainer import check_trainer, progress_callbacks
 from lora_lightning.config import LoRAConfig
@@ -188,32 +188,32 @@ def _run(cfg: DictConfig, output_dir: Path, start: float) -> float:
         train_loss = _metric(trainer.callback_metrics, "train/loss")
         after = _validate(trainer, module, datamodule)
 
-        summary: dict[str, Any] = {
-            "status": OK,
-            "model": loaded.name,
-            "base_model": loaded.name_or_path,
-            "data": repr(datamodule.source),
-            "data_stats": datamodule.summary(),
-            "eval_key": eval_key(loaded.name_or_path, OmegaConf.to_container(cfg.data, resolve=True)),
+        summary = JobSummary(
+            status=OK,
+            model=loaded.name,
+            base_model=loaded.name_or_path,
+            data=repr(datamodule.source),
+            data_stats=datamodule.summary(),
+            eval_key=eval_key(loaded.name_or_path, OmegaConf.to_container(cfg.data, resolve=True)),
             **method.describe(),  # method, targets (the role or the explicit list), lora fields
-            "params": method.params(),
-            "lr": float(cfg.optim.lr),
-            "steps": trainer.global_step,
-            "world_size": trainer.world_size,
-            "train_loss": train_loss,
-            "base_val_loss": _metric(before, "val/loss"),
-            "base_val_ppl": _metric(before, "val/ppl"),
-            "val_loss": after["val/loss"],
-            "val_ppl": _metric(after, "val/ppl"),
-            "merged_val_ppl": None,
-            "quant": quant_fields(cfg),
-            "merge_fidelity": method.merge_fidelity(),
-            "sample": None,
-            "base_sample": base_sample,
-            "peak_mem_mib": peak.mib,
-            "peak_mem_kind": peak.kind,
-            "monitor": {cfg.monitor: after[cfg.monitor]},
-            "paths": {
+            params=method.params(),
+            lr=float(cfg.optim.lr),
+            steps=trainer.global_step,
+            world_size=trainer.world_size,
+            train_loss=train_loss,
+            base_val_loss=_metric(before, "val/loss"),
+            base_val_ppl=_metric(before, "val/ppl"),
+            val_loss=after["val/loss"],
+            val_ppl=_metric(after, "val/ppl"),
+            merged_val_ppl=None,
+            quant=quant_fields(cfg),
+            merge_fidelity=method.merge_fidelity(),
+            sample=None,
+            base_sample=base_sample,
+            peak_mem_mib=peak.mib,
+            peak_mem_kind=peak.kind,
+            monitor={cfg.monitor: after[cfg.monitor]},
+            paths={
                 "output_dir": str(output_dir),
                 "config": str(output_dir / CONFIG_FILE),
                 "summary": str(output_dir / SUMMARY_FILE),
@@ -221,21 +221,21 @@ def _run(cfg: DictConfig, output_dir: Path, start: float) -> float:
                 "checkpoints": str(output_dir / "checkpoints") if (output_dir / "checkpoints").is_dir() else None,
                 **{key: str(path) for key, path in method.export_paths().items()},
             },
-        }
+        )
         if trainer.is_global_zero:
             if cfg.verify_export and method.reload_dir() is not None:
                 module.cpu()  # room for the reloaded copy on a GPU
-                summary["merged_val_ppl"], summary["sample"] = _check_merged(
+                summary.merged_val_ppl, summary.sample = _check_merged(
                     method.reload_dir(), datamodule, cfg.get("sample")
                 )
             if probe is not None:
                 probe.record("tuned", module.model)  # merged in place at fit end
-                summary["answers"] = probe.rows()
+                summary.answers = probe.rows()
             timings["after_fit_s"] = time.perf_counter() - mark  # scoring, export check, sample
-            summary["timings"] = {key: round(value, 1) for key, value in timings.items()}
-            summary["wall_s"] = round(time.perf_counter() - start, 1)
+            summary.timings = {key: round(value, 1) for key, value in timings.items()}
+            summary.wall_s = round(time.perf_counter() - start, 1)
             log_model = bool((cfg.get("logger") or {}).get("log_model"))
-            log_answers(logger, summary.get("answers"), summary["data_stats"])
+            log_answers(logger, summary.answers, summary.data_stats)
             log_results(logger, summary, method.export_paths().get("adapter"), log_model)
             write_summary(output_dir, summary)
         failed = False
@@ -243,5 +243,5 @@ def _run(cfg: DictConfig, output_dir: Path, start: float) -> float:
         finish(logger, failed=failed)
     if trainer.is_global_zero:  # after W&B's footer: the recap is the last thing a run prints
         print_recap(summary)
-        print_answers(summary.get("answers"), summary["data_stats"])
+        print_answers(summary.answers, summary.data_stats)
     return float(after[cfg.monitor])

@@ -27,11 +27,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lora_lightning.app.errors import describe, full_error_requested
-from lora_lightning.app.run.summary import SUMMARY_FILE, write_summary
+from lora_lightning.app.run.summary import FAILED, SUMMARY_FILE, JobSummary, write_summary
 
 log = logging.getLogger(__name__)
 
-OK, FAILED = "ok", "failed"
 # Data settings that change which validation tokens a base is scored on (not the seed, batch, workers).
 _EVAL_DATA_KEYS_IGNORED = ("seed", "batch_size", "num_workers", "max_train_tokens")
 
@@ -57,21 +56,21 @@ def plain(node: Any) -> Any:
     return node
 
 
-def failure_summary(cfg: DictConfig, output_dir: Path, error: BaseException, wall_s: float) -> dict[str, Any]:
+def failure_summary(cfg: DictConfig, output_dir: Path, error: BaseException, wall_s: float) -> JobSummary:
     """summary.json of a job that failed after its work started: what the report needs to list it."""
     method = (cfg.get("method") or {}).get("name", "lora")
     lora = plain(cfg.get("lora")) or {}
-    return {
-        "status": FAILED,
-        "error": describe(error),
-        "traceback": "".join(traceback.format_exception(error)),
-        "method": method,
-        "targets": lora.get("targets") if method == "lora" else None,
-        "lora": {key: lora.get(key) for key in ("r", "alpha")} if method == "lora" else None,
-        "monitor": {str(cfg.get("monitor")): None},
-        "wall_s": round(wall_s, 1),
-        "paths": {"output_dir": str(output_dir), "summary": str(output_dir / SUMMARY_FILE)},
-    }
+    return JobSummary(
+        status=FAILED,
+        error=describe(error),
+        traceback="".join(traceback.format_exception(error)),
+        method=method,
+        targets=lora.get("targets") if method == "lora" else None,
+        lora={key: lora.get(key) for key in ("r", "alpha")} if method == "lora" else None,
+        monitor={str(cfg.get("monitor")): None},
+        wall_s=round(wall_s, 1),
+        paths={"output_dir": str(output_dir), "summary": str(output_dir / SUMMARY_FILE)},
+    )
 
 
 # Sweepers that end the whole multirun at the first failed job (the study sweeper is a basic one).
@@ -103,8 +102,8 @@ def run_recorded(job: Callable[[], float], cfg: DictConfig, output_dir: Path, st
             rank_zero_only(write_summary)(output_dir, summary)
         if not _sweep_goes_on_after_nan() or full_error_requested():
             raise
-        _to_log_file(f"job failed:\n{summary['traceback']}")
-        log.warning("job failed: %s (recorded in %s); the sweep goes on", summary["error"], output_dir / SUMMARY_FILE)
+        _to_log_file(f"job failed:\n{summary.traceback}")
+        log.warning("job failed: %s (recorded in %s); the sweep goes on", summary.error, output_dir / SUMMARY_FILE)
         return float("nan")
 
 

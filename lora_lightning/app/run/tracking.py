@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lora_lightning.app.errors import UsageError
+from lora_lightning.app.run.summary import JobSummary
 
 WANDB_MODES = ("offline", "online", "disabled")
 MLFLOW_DB = "mlflow.db"  # logger=mlflow's local store, in the job's output dir (a multirun: the sweep dir)
@@ -169,22 +170,22 @@ def log_run_config(logger: Logger | None, cfg: DictConfig) -> None:
     logger.log_hyperparams(config)
 
 
-def log_results(logger: Logger | None, summary: dict[str, Any], adapter_dir: Path | None, log_model: bool) -> None:
+def log_results(logger: Logger | None, summary: JobSummary, adapter_dir: Path | None, log_model: bool) -> None:
     """Put the final figures in the run (config and summary) and optionally the adapter as an artifact."""
     if logger is None:
         return
-    counts = summary.get("params", {})
+    counts = summary.params or {}
     logger.log_hyperparams(
         {
             "lora/trainable_params": counts.get("trainable"),
             "lora/total_params": counts.get("total"),
             "lora/trainable_percent": counts.get("trainable_percent"),
-            "lora/quant": (summary.get("quant") or {}).get("method") or "none",
+            "lora/quant": (summary.quant or {}).get("method") or "none",
         }
     )
     keys = ("base_val_ppl", "val_ppl", "val_loss", "merged_val_ppl", "peak_mem_mib")
-    finals = {f"final/{key}": summary.get(key) for key in keys}
-    fidelity = summary.get("merge_fidelity") or {}
+    finals = {f"final/{key}": getattr(summary, key) for key in keys}
+    fidelity = summary.merge_fidelity or {}
     finals["final/merge_overall_rel_error"] = fidelity.get("overall_rel_error")
     logger.log_metrics({key: value for key, value in finals.items() if value is not None})
     if isinstance(logger, WandbLogger):
@@ -193,7 +194,7 @@ def log_results(logger: Logger | None, summary: dict[str, Any], adapter_dir: Pat
         if log_model and adapter_dir is not None and adapter_dir.is_dir():
             import wandb
 
-            artifact = wandb.Artifact(f"adapter-{run.id}", type="model", metadata={"lora": summary["lora"]})
+            artifact = wandb.Artifact(f"adapter-{run.id}", type="model", metadata={"lora": summary.lora})
             artifact.add_dir(str(adapter_dir))
             run.log_artifact(artifact, aliases=["latest"])
     elif _kind_of(logger) == "MLFlowLogger" and log_model and adapter_dir is not None and adapter_dir.is_dir():

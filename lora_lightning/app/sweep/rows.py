@@ -9,16 +9,15 @@ model: a row is what is on disk, and an unreadable file is a row with an error, 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from lora_lightning.app.errors import UsageError, one_line
-from lora_lightning.app.run.summary import SUMMARY_FILE
+from lora_lightning.app.run.summary import FAILED, OK, SUMMARY_FILE, JobSummary, read_summary
 
-OK, FAILED, UNFINISHED = "ok", "failed", "unfinished"
+UNFINISHED = "unfinished"  # a job dir with no summary.json yet
 COLUMNS = (
     "job",
     "status",
@@ -91,17 +90,14 @@ def _read_yaml(path: Path) -> Any:
         return None
 
 
-def _read_summary(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+def _read_summary(path: Path) -> tuple[JobSummary | None, str | None]:
     """(summary, None), (None, None) when there is none yet, or (None, error) when it cannot be read."""
     if not path.is_file():
         return None, None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
+        return read_summary(path), None
+    except (OSError, ValueError, TypeError) as error:
         return None, f"unreadable {SUMMARY_FILE}: {one_line(str(error))}"
-    if not isinstance(data, dict):
-        return None, f"unreadable {SUMMARY_FILE}: not a JSON object"
-    return data, None
 
 
 def _from_config(config: Any) -> dict[str, Any]:
@@ -138,25 +134,29 @@ def read_row(sweep_dir: Path, job_dir: Path) -> dict[str, Any]:
         row["status"] = FAILED if problem else UNFINISHED
         row["error"] = problem
         return row
-    row["status"] = OK if summary.get("status", OK) == OK else FAILED
-    lora = summary.get("lora") or {}
-    params = summary.get("params") or {}
-    monitor = summary.get("monitor") or {}
+    row["status"] = OK if summary.status == OK else FAILED
+    lora = summary.lora or {}
+    params = summary.params or {}
+    monitor = summary.monitor or {}
+
+    def known(value: Any, fallback: Any) -> Any:  # the job's record, else what its config says
+        return fallback if value is None else value
+
     row.update(
-        method=summary.get("method", row["method"] or "lora"),
+        method=known(summary.method, row["method"] or "lora"),
         r=lora.get("r", row["r"]),
         alpha=lora.get("alpha", row["alpha"]),
-        targets=summary.get("targets", row["targets"]),
-        lr=summary.get("lr", row["lr"]),
+        targets=known(summary.targets, row["targets"]),
+        lr=known(summary.lr, row["lr"]),
         trainable_params=params.get("trainable"),
         trainable_percent=params.get("trainable_percent"),
-        error=summary.get("error"),
-        eval_key=summary.get("eval_key"),
+        error=summary.error,
+        eval_key=summary.eval_key,
     )
     for key in ("base_val_ppl", "val_ppl", "merged_val_ppl", "base_val_loss", "val_loss", "steps", "wall_s"):
-        row[key] = summary.get(key)
-    row["fit_s"] = (summary.get("timings") or {}).get("fit_s")  # training alone: what methods differ in
-    row["peak_mem_mib"], row["peak_mem_kind"] = summary.get("peak_mem_mib"), summary.get("peak_mem_kind")
+        row[key] = getattr(summary, key)
+    row["fit_s"] = (summary.timings or {}).get("fit_s")  # training alone: what methods differ in
+    row["peak_mem_mib"], row["peak_mem_kind"] = summary.peak_mem_mib, summary.peak_mem_kind
     if monitor:
         ((row["monitor"], row["monitor_value"]),) = list(monitor.items())[:1]
     if row["method"] == "full":

@@ -213,11 +213,20 @@ def read_file(path: Path) -> Iterator[tuple[str, Any]]:
         for index, record in enumerate(records):
             yield f"data file {name} record {index + 1}", record
         return
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, record in json_lines(path, text.splitlines()):
+        yield f"data file {name} line {number}", record
+
+
+def json_lines(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` for each non-blank line of a JSON-lines file.
+
+    Raises:
+        UsageError: a line that is not JSON, with its line, column and what was expected there.
+    """
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as err:
-            raise UsageError(f"data file {name} {json_problem(err, number)}") from err
-        yield f"data file {name} line {number}", record
+            raise UsageError(f"data file {str(path)!r} {json_problem(err, number)}") from err

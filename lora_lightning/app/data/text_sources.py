@@ -8,14 +8,14 @@ and no file contributes to both. The supervised (instruction/chat) sources reuse
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from lora_lightning.app.errors import UsageError, json_problem
+from lora_lightning.app.data.records import json_lines
+from lora_lightning.app.errors import UsageError
 
 Split = Literal["train", "val"]
 T = TypeVar("T")
@@ -217,13 +217,7 @@ class TextFiles:
             yield path.read_text(encoding="utf-8")
             return
         with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise UsageError(f"data file {str(path)!r} {json_problem(err, number)}") from err
+            for number, record in json_lines(path, lines):
                 try:
                     text = record[self.text_field]
                 except (KeyError, TypeError) as err:

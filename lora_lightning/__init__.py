@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_lightning.config import LoRAConfig
 from lora_lightning.inject import LoRAReport, ParameterSummary, get_lora_config, inject_lora, parameter_summary
+from lora_lightning.loss import causal_lm_loss, chunked_cross_entropy
 from lora_lightning.merge import merge_and_unload, merge_lora, unmerge_lora
 from lora_lightning.nn.layers import LoRAEmbedding, LoRALinear
 
@@ -44,6 +45,8 @@ __all__ = [
     "LoRAReport",
     "ParameterSummary",
     "adapter_state_dict",
+    "causal_lm_loss",
+    "chunked_cross_entropy",
     "export_merged",
     "get_lora_config",
     "inject_lora",

@@ -82,6 +82,10 @@ def test_model_options_instantiate_and_map_every_role(
     cfg = _compose([f"model={name}", *extra])
     loaded = instantiate(cfg.model, _convert_="all")
     assert isinstance(loaded, LoadedModel) and loaded.name == name
+    assert loaded.loss_chunk_tokens == 1024  # the chunked loss by default; model.loss_chunk_tokens=null: off
+    assert (
+        instantiate(_compose([f"model={name}", *extra, "model.loss_chunk_tokens=null"]).model).loss_chunk_tokens is None
+    )
     assert loaded.tokenizer.eos_token_id is not None
     assert loaded.model.config.vocab_size == len(loaded.tokenizer)
     kinds = {"tiny_gpt2": "Conv1D"}.get(name, "Linear")

@@ -51,6 +51,7 @@ CASES = {
     ),
     "bad override key": (["lora.rank=4"], ["lora.rank"]),
     "unknown monitor": (["monitor=val/acc"], ["monitor must be one of val/loss, val/ppl", "val/acc"]),
+    "zero loss chunk": (["model.loss_chunk_tokens=0"], ["model.loss_chunk_tokens must be a positive integer or null"]),
     "bad logger mode": (["logger.mode=onlin"], ["logger.mode must be one of offline, online, disabled", "onlin"]),
     "zero learning rate": (["optim.lr=0"], ["optim.lr must be a positive number, got 0"]),
     "zero LoRA+ ratio": (["optim.lr_ratio_B=0"], ["lr_ratio_B must be a positive number, got 0"]),

@@ -16,6 +16,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
 from lora_lightning.app.data.batches import model_inputs
+from lora_lightning.loss import causal_lm_loss
 
 OPTIM_KEYS = ("name", "lr", "weight_decay", "betas", "warmup_steps", "min_lr_ratio")
 # AdamW, or bitsandbytes' 8-bit AdamW (optimizer state in 8 bits), paged to host memory under pressure.
@@ -75,6 +76,9 @@ class CausalLMModule(L.LightningModule):
         warmup_steps: linear warmup steps.
         min_lr_ratio: the cosine ends at ``lr * min_lr_ratio``.
         name: "adamw", or bitsandbytes' "adamw_8bit" / "paged_adamw_8bit" (8-bit optimizer state).
+        loss_chunk_tokens: the training loss applies the output head to this many labelled tokens at
+            a time (:func:`lora_lightning.causal_lm_loss`: the whole logits are never held); None:
+            the model's own loss.
     """
 
     def __init__(
@@ -87,10 +91,12 @@ class CausalLMModule(L.LightningModule):
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.1,
         name: str = "adamw",
+        loss_chunk_tokens: int | None = None,
     ) -> None:
         super().__init__()
         check_optim({"name": name, "lr": lr, "min_lr_ratio": min_lr_ratio, "warmup_steps": warmup_steps})
         self.optimizer_name = name
+        self.loss_chunk_tokens = loss_chunk_tokens
         self.model = model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes
         self.tokenizer = tokenizer
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
@@ -114,7 +120,12 @@ class CausalLMModule(L.LightningModule):
         self.val_loss.reset()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self(**batch).loss
+        if self.loss_chunk_tokens is None:
+            loss = self(**batch).loss
+        else:  # the same loss, the head applied a chunk of labelled tokens at a time
+            inputs = model_inputs(batch)
+            ids = inputs.pop("input_ids")
+            loss = causal_lm_loss(self.model, ids, batch["labels"], chunk_tokens=self.loss_chunk_tokens, **inputs)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 

@@ -41,6 +41,7 @@ class LoadedModel:
     tokenizer: Any
     name: str
     name_or_path: str
+    loss_chunk_tokens: int | None = None  # the training loss's head chunk (None: the model's own loss)
 
 
 def resolve_targets(
@@ -111,6 +112,7 @@ def pretrained(
     target_roles: Mapping[str, Any] | None = None,
     quant: Mapping[str, Any] | None = None,
     gradient_checkpointing: bool = False,
+    loss_chunk_tokens: int | None = None,
 ) -> LoadedModel:
     """Load any causal LM and its tokenizer with ``from_pretrained``.
 
@@ -126,7 +128,10 @@ def pretrained(
             group's config carries it.
         quant: the app's ``quant`` group (:mod:`lora_lightning.app.models.quant`): load the base in 4 or 8 bits.
         gradient_checkpointing: recompute activations in backward (less memory, more time).
+        loss_chunk_tokens: the training loss applies the output head to this many labelled tokens
+            at a time (:func:`lora_lightning.causal_lm_loss`); None: the model's own loss.
     """
+    check_loss_chunk_tokens(loss_chunk_tokens)
 
     check_name_or_path(name_or_path)
     common: dict[str, Any] = {"revision": revision, "trust_remote_code": bool(trust_remote_code)}
@@ -139,7 +144,7 @@ def pretrained(
     if tokenizer.pad_token is None:  # padding is never used for packed blocks, but generate() wants one
         tokenizer.pad_token = tokenizer.eos_token
     del target_roles
-    return LoadedModel(model, tokenizer, name, str(name_or_path))
+    return LoadedModel(model, tokenizer, name, str(name_or_path), loss_chunk_tokens)
 
 
 def tiny_pretrained(
@@ -151,19 +156,31 @@ def tiny_pretrained(
     torch_dtype: str | None = "float32",
     target_roles: Mapping[str, Any] | None = None,
     quant: Mapping[str, Any] | None = None,
+    loss_chunk_tokens: int | None = None,
 ) -> LoadedModel:
     """A tiny model with a base pretrained here on first use (see :mod:`lora_lightning.app.models.tiny_base`).
 
-    The arguments describe the base (they form its cache key); the base is then loaded through
-    :func:`pretrained` from its cache directory, exactly as a hub model would be.
+    The arguments describe the base (they form its cache key; ``target_roles``, ``quant`` and
+    ``loss_chunk_tokens`` do not); the base is then loaded through :func:`pretrained` from its
+    cache directory, exactly as a hub model would be.
     """
+    check_loss_chunk_tokens(loss_chunk_tokens)
 
     path = ensure_base(name, _plain(architecture), _plain(tokenizer), _plain(pretrain), cache_dir)
-    loaded = pretrained(str(path), name=name, torch_dtype=torch_dtype, target_roles=target_roles, quant=quant)
+    loaded = pretrained(
+        str(path), name=name, torch_dtype=torch_dtype, target_roles=target_roles, quant=quant,
+        loss_chunk_tokens=loss_chunk_tokens,
+    )  # fmt: skip
     # Set here, not in the build, so the cached bases (keyed by their build recipe) stay valid; it is
     # saved with every merged/ export, so the fine-tuned model is prompted as it was trained.
     ensure_chat_template(loaded.tokenizer)
     return loaded
+
+
+def check_loss_chunk_tokens(value: Any) -> None:
+    """``model.loss_chunk_tokens``: a positive integer, or None (null) for the model's own loss."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise UsageError(f"model.loss_chunk_tokens must be a positive integer or null, got {value!r}")
 
 
 def _plain(node: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_lightning.app.errors import UsageError, job_started, user_errors
 from lora_lightning.app.models.lightning_module import CausalLMModule, check_optim, evaluate_perplexity
-from lora_lightning.app.models.loading import LoadedModel, check_name_or_path, resolve_targets
+from lora_lightning.app.models.loading import LoadedModel, check_loss_chunk_tokens, check_name_or_path, resolve_targets
 from lora_lightning.app.models.quant import check_quant
 from lora_lightning.app.run.answers import AnswerProbe, log_answers, print_answers
 from lora_lightning.app.run.generation import check_sample, continuation
@@ -124,6 +124,7 @@ def _prepare(cfg: DictConfig, output_dir: Path) -> tuple[LoRAConfig, Any, Loaded
         check_quant(quant_fields(cfg))
         method_name(cfg)  # an unknown method
         check_trainer(cfg.trainer)
+        check_loss_chunk_tokens(cfg.model.get("loss_chunk_tokens"))
         check_sample(cfg.get("sample"))
         if cfg.model.get("name_or_path") is not None:
             check_name_or_path(cfg.model.name_or_path)
@@ -165,7 +166,7 @@ def _run(cfg: DictConfig, output_dir: Path, start: float) -> float:
         logger = build_logger(cfg.get("logger"), output_dir, f"{choices.model}-{variant}")
         optim = optim_fields(cfg)
         optim.pop("lr_ratio_B", 1.0)  # LoRA+ belongs to the LoRA callback
-        module = CausalLMModule(loaded.model, loaded.tokenizer, **optim)
+        module = CausalLMModule(loaded.model, loaded.tokenizer, loss_chunk_tokens=loaded.loss_chunk_tokens, **optim)
         trainer = _trainer(cfg, output_dir, logger, method.callback)
     rank_zero_only(write_atomic)(output_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
     failed = True

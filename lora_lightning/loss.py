@@ -1,0 +1,138 @@
+"""A causal-LM loss that never holds the logits of the whole sequence.
+
+A model's own loss forms the logits of every token, ``(B, T, V)`` in the compute dtype, upcasts
+them to float32 and keeps them for backward, then their gradient: for Llama-3's 128,256-token
+vocabulary and 2,048 tokens that is about 3 GiB, the peak of a 4-bit 8B step. Here the model runs
+to its last hidden state, the output head is applied to a chunk of labelled tokens at a time, each
+chunk's cross-entropy is summed in float32 and its logits freed; backward recomputes one chunk's
+logits at a time (``torch.utils.checkpoint``). Only labelled tokens (label not ``-100``) reach the
+head at all.
+
+    loss = causal_lm_loss(model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"])
+
+The value is the model's own ``model(input_ids, labels=labels).loss`` up to float rounding: the
+mean over labelled tokens of the next-token cross-entropy (labels shifted by one inside, as
+transformers does), or the sum divided by ``num_items_in_batch`` when given (gradient accumulation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+#: tokens per chunk by default: 1,024 x 128,256 float32 logits are 0.5 GiB, twice that in backward
+DEFAULT_CHUNK_TOKENS = 1024
+# config fields that change the logits after the output head: the chunked loss does not apply them
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _head_of(model: nn.Module) -> nn.Module:
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, nn.Module):
+        raise TypeError(
+            f"causal_lm_loss needs a transformers causal LM with an output head (get_output_embeddings()); "
+            f"{type(model).__name__} has none"
+        )
+    config = getattr(model, "config", None)
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(
+                f"causal_lm_loss: {type(model).__name__} transforms its logits after the head "
+                f"(config.{name}={value!r}); use the model's own loss (loss_chunk_tokens=None in the app)"
+            )
+    return head
+
+
+def chunked_cross_entropy(
+    hidden: Tensor,
+    head: Callable[[Tensor], Tensor],
+    targets: Tensor,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    num_items_in_batch: int | Tensor | None = None,
+) -> Tensor:
+    """Cross-entropy of ``head(hidden)`` against ``targets``, a chunk of tokens at a time.
+
+    Args:
+        hidden: ``(N, H)`` (or ``(..., H)``) the states the head reads, already aligned with ``targets``.
+        head: the output head (a module or any function ``(n, H) -> (n, V)``); may hold trainable
+            parameters (an adapted head): their gradients flow as through the plain head.
+        targets: ``(N,)`` (or ``(...)``) token ids, ``-100`` for tokens without a loss.
+        chunk_tokens: labelled tokens per chunk (the peak holds one chunk's float32 logits).
+        num_items_in_batch: divide the sum by this instead of the number of labelled tokens.
+
+    Returns:
+        A scalar, float32 (float64 for a float64 head).
+    """
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1).to(hidden.device)
+    labelled = targets != IGNORE_INDEX
+    hidden, targets = hidden[labelled], targets[labelled]  # (n, H), (n,): only these reach the head
+    count = targets.numel()
+    total = hidden.new_zeros((), dtype=_loss_dtype(hidden.dtype))
+    for start in range(0, count, chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        total = total + checkpoint(_chunk_loss, hidden[part], targets[part], head, use_reentrant=False)
+    denominator = num_items_in_batch if num_items_in_batch is not None else count
+    if isinstance(denominator, Tensor):
+        denominator = denominator.to(total.device)
+    if not count:  # no labelled token: 0, still part of the graph (backward gives zero gradients)
+        return hidden.sum().to(total.dtype) * 0.0
+    return total / denominator
+
+
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, as transformers' loss upcasts the logits; float64 stays float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_loss(hidden: Tensor, targets: Tensor, head: Callable[[Tensor], Tensor]) -> Tensor:
+    logits = head(hidden)  # (n, V)
+    return F.cross_entropy(logits.to(_loss_dtype(logits.dtype)), targets, reduction="sum")
+
+
+def causal_lm_loss(
+    model: nn.Module,
+    input_ids: Tensor,
+    labels: Tensor,
+    *,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    num_items_in_batch: int | Tensor | None = None,
+    **model_kwargs: object,
+) -> Tensor:
+    """The next-token loss of a transformers causal LM, its logits formed a chunk at a time.
+
+    Args:
+        model: a transformers ``*ForCausalLM`` (adapted or not, a LoRA-adapted head included).
+        input_ids: ``(B, T)``.
+        labels: ``(B, T)``, ``-100`` where no loss is wanted (padding, prompts); shifted inside.
+        chunk_tokens: labelled tokens per chunk of the head.
+        num_items_in_batch: as transformers' argument: the denominator of a gradient-accumulated sum.
+        **model_kwargs: passed to the model (``attention_mask``, ``position_ids``, ...).
+
+    Returns:
+        A scalar: ``model(input_ids, labels=labels, **model_kwargs).loss`` up to rounding.
+
+    Raises:
+        TypeError: the model has no output head. ValueError: it transforms its logits after the head
+            (soft-capping, a logit scale), or ``chunk_tokens`` is not a positive integer.
+    """
+    head = _head_of(model)
+    backbone = getattr(model, "base_model", None)
+    if not isinstance(backbone, nn.Module) or backbone is model:
+        raise TypeError(f"causal_lm_loss: {type(model).__name__} has no transformer body (base_model) under its head")
+    outputs = backbone(input_ids=input_ids, **model_kwargs)
+    hidden = outputs[0] if isinstance(outputs, tuple) else outputs.last_hidden_state  # (B, T, H)
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # position t predicts token t+1
+    return chunked_cross_entropy(hidden, head, targets, chunk_tokens, num_items_in_batch)
+
+
+__all__ = ["DEFAULT_CHUNK_TOKENS", "causal_lm_loss", "chunked_cross_entropy"]

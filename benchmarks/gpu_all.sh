@@ -3,7 +3,8 @@
 # check, merge/layer timing, the Lightning row; then, when the bitsandbytes wheel is carried,
 # Lightning's BitsandbytesPrecision test, every QLoRA test on the device's own CPU (bitsandbytes
 # picks CPU kernels by CPU features: the 16-core host is another CPU than CI's), and QLoRA at the
-# Llama-3-8B shape against PEFT + bitsandbytes. About 8-9 minutes on one H200 (PyTorch 2.11, transformers, peft,
+# Llama-3-8B shape against PEFT + bitsandbytes (the model's own loss and the chunked one), and the
+# longest sequence each fits in a 24 GiB budget. About 8-9 minutes on one H200 (PyTorch 2.11, transformers, peft,
 # lightning; no hydra/omegaconf/wandb needed).
 #
 #   bash benchmarks/gpu_all.sh            # everything also lands in $OUT/gpu_all.log and $OUT/bench.jsonl
@@ -32,7 +33,9 @@ if ls .whl/bitsandbytes-*.whl >/dev/null 2>&1 \
   CUDA_VISIBLE_DEVICES= python3 -m pytest -q -p no:cacheprovider tests/kinds/test_bnb.py || status=1
   # QLoRA at the Llama-3-8B shape (1x2048 tokens, nf4 double quant, bf16 compute, gradient
   # checkpointing): ours against PEFT + bitsandbytes.
-  python3 -W ignore benchmarks/qlora.py --size 8b --variants qlora,peft_qlora,lora_bf16 --steps 5 --cache /tmp
+  python3 -W ignore benchmarks/qlora.py --size 8b --variants qlora,qlora_chunked,peft_qlora,lora_bf16 --steps 5 --cache /tmp
+  # The longest sequence one step fits in 24 GiB: ours with the chunked loss, without, PEFT + bitsandbytes.
+  python3 -W ignore benchmarks/context.py --size 8b --budget-gib 24 --cache /tmp
 else
   echo "QLoRA rows skipped: no .whl/bitsandbytes-*.whl carried"
 fi

@@ -19,7 +19,15 @@ import torch
 from lightning.fabric import Fabric
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from lora_lightning import LoRAConfig, adapter_state_dict, export_merged, inject_lora, merge_and_unload, save_adapter
+from lora_lightning import (
+    LoRAConfig,
+    adapter_state_dict,
+    causal_lm_loss,
+    export_merged,
+    inject_lora,
+    merge_and_unload,
+    save_adapter,
+)
 
 
 def main() -> None:
@@ -54,7 +62,8 @@ def main() -> None:
     step = 0
     while step < args.steps:
         for batch in loader:
-            loss = model(input_ids=batch, labels=batch).loss
+            with fabric.autocast():  # the model's own loss, its logits formed a chunk of tokens at a time
+                loss = causal_lm_loss(lm, batch, batch)
             fabric.backward(loss)
             optimizer.step()
             optimizer.zero_grad()

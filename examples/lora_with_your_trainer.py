@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from lora_lightning import LoRACallback, LoRAConfig
+from lora_lightning import LoRACallback, LoRAConfig, causal_lm_loss
 
 
 class CausalLM(L.LightningModule):
@@ -31,7 +31,9 @@ class CausalLM(L.LightningModule):
         self.model, self.lr = model, lr
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss = self.model(input_ids=batch, labels=batch).loss  # batch: (B, T) token ids
+        # batch: (B, T) token ids. The model's own loss (self.model(input_ids=batch, labels=batch).loss),
+        # its logits formed 1024 tokens at a time: the loss over the vocabulary is no longer the peak.
+        loss = causal_lm_loss(self.model, batch, batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

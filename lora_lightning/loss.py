@@ -3,10 +3,12 @@
 A model's own loss forms the logits of every token, ``(B, T, V)`` in the compute dtype, upcasts
 them to float32 and keeps them for backward, then their gradient: for Llama-3's 128,256-token
 vocabulary and 2,048 tokens that is about 3 GiB, the peak of a 4-bit 8B step. Here the model runs
-to its last hidden state, the output head is applied to a chunk of labelled tokens at a time, each
-chunk's cross-entropy is summed in float32 and its logits freed; backward recomputes one chunk's
-logits at a time (``torch.utils.checkpoint``). Only labelled tokens (label not ``-100``) reach the
-head at all.
+to its last hidden state and the output head is applied to a chunk of labelled tokens at a time:
+each chunk's cross-entropy is summed in float32, and its gradient (``softmax - onehot``) goes back
+through the head at once, into the hidden states and any trainable head parameter; then the
+chunk's logits are freed. Backward only scales those gradients: nothing of size ``(tokens x
+vocabulary)`` outlives its chunk, and the head runs forward and backward once, as with the whole
+logits. Only labelled tokens (label not ``-100``) reach the head at all.
 
     loss = causal_lm_loss(model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"])
 
@@ -17,12 +19,9 @@ transformers does), or the sum divided by ``num_items_in_batch`` when given (gra
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 #: tokens per chunk by default: 1,024 x 128,256 float32 logits are 0.5 GiB, twice that in backward
@@ -52,7 +51,7 @@ def _head_of(model: nn.Module) -> nn.Module:
 
 def chunked_cross_entropy(
     hidden: Tensor,
-    head: Callable[[Tensor], Tensor],
+    head: nn.Module,
     targets: Tensor,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     num_items_in_batch: int | Tensor | None = None,
@@ -61,10 +60,10 @@ def chunked_cross_entropy(
 
     Args:
         hidden: ``(N, H)`` (or ``(..., H)``) the states the head reads, already aligned with ``targets``.
-        head: the output head (a module or any function ``(n, H) -> (n, V)``); may hold trainable
-            parameters (an adapted head): their gradients flow as through the plain head.
+        head: the output head; it may hold trainable parameters (an adapted head): their gradients
+            flow as through the plain head.
         targets: ``(N,)`` (or ``(...)``) token ids, ``-100`` for tokens without a loss.
-        chunk_tokens: labelled tokens per chunk (the peak holds one chunk's float32 logits).
+        chunk_tokens: labelled tokens per chunk (the peak holds one chunk's logits and their gradient).
         num_items_in_batch: divide the sum by this instead of the number of labelled tokens.
 
     Returns:
@@ -77,15 +76,17 @@ def chunked_cross_entropy(
     labelled = targets != IGNORE_INDEX
     hidden, targets = hidden[labelled], targets[labelled]  # (n, H), (n,): only these reach the head
     count = targets.numel()
-    total = hidden.new_zeros((), dtype=_loss_dtype(hidden.dtype))
-    for start in range(0, count, chunk_tokens):
-        part = slice(start, start + chunk_tokens)
-        total = total + checkpoint(_chunk_loss, hidden[part], targets[part], head, use_reentrant=False)
+    if not count:  # no labelled token: 0, still part of the graph (backward gives zero gradients)
+        return hidden.sum().to(_loss_dtype(hidden.dtype)) * 0.0
+    params = [p for p in head.parameters() if p.requires_grad]
+    if torch.is_grad_enabled() and (hidden.requires_grad or params):
+        total = _ChunkedCrossEntropy.apply(hidden, targets, head, chunk_tokens, *params)
+    else:
+        parts = range(0, count, chunk_tokens)
+        total = sum(_chunk_sum(head(hidden[i : i + chunk_tokens]), targets[i : i + chunk_tokens])[0] for i in parts)
     denominator = num_items_in_batch if num_items_in_batch is not None else count
     if isinstance(denominator, Tensor):
         denominator = denominator.to(total.device)
-    if not count:  # no labelled token: 0, still part of the graph (backward gives zero gradients)
-        return hidden.sum().to(total.dtype) * 0.0
     return total / denominator
 
 
@@ -94,9 +95,61 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_loss(hidden: Tensor, targets: Tensor, head: Callable[[Tensor], Tensor]) -> Tensor:
-    logits = head(hidden)  # (n, V)
-    return F.cross_entropy(logits.to(_loss_dtype(logits.dtype)), targets, reduction="sum")
+@torch.no_grad()
+def _chunk_sum(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """``(the chunk's summed cross-entropy, its gradient with respect to the logits)``.
+
+    Formed in float32 (float64 stays float64): ``logsumexp - the target's logit``, and the gradient
+    ``softmax - onehot`` in a buffer of its own (the head's graph may keep its output).
+    """
+    logits = logits.to(_loss_dtype(logits.dtype))  # (n, V)
+    lse = torch.logsumexp(logits, dim=1)  # (n,)
+    total = (lse - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+    grad = torch.sub(logits, lse[:, None]).exp_()  # the softmax
+    grad[torch.arange(targets.numel(), device=grad.device), targets] -= 1
+    return total, grad
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """The cross-entropy summed over chunks, its gradients formed chunk by chunk in forward.
+
+    Each chunk's logits exist only while its loss and their gradient are formed; that gradient goes
+    straight back through the head (``torch.autograd.grad``) into the hidden states and any
+    trainable head parameter, so backward only scales what forward kept, ``(n, H)`` and the
+    parameters' shapes, never ``(n, V)``. The head runs forward and backward once, as with the
+    whole logits.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, targets, head, chunk_tokens, *params):  # type: ignore[override]
+        need_hidden = ctx.needs_input_grad[0]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_params = [torch.zeros_like(p) for p in params]
+        total = hidden.new_zeros((), dtype=_loss_dtype(hidden.dtype))
+        for start in range(0, targets.numel(), chunk_tokens):
+            part = slice(start, start + chunk_tokens)
+            with torch.enable_grad():
+                h = hidden[part].detach().requires_grad_(need_hidden)
+                logits = head(h)  # (n, V)
+                chunk_total, grad_logits = _chunk_sum(logits, targets[part])
+                wrt = ([h] if need_hidden else []) + list(params)
+                grads = list(torch.autograd.grad(logits, wrt, grad_logits.to(logits.dtype), allow_unused=True))
+            del logits, grad_logits
+            total += chunk_total
+            if need_hidden:
+                grad_hidden[part] = grads.pop(0)
+            for into, grad in zip(grad_params, grads, strict=True):
+                if grad is not None:
+                    into += grad
+        ctx.need_hidden = need_hidden
+        ctx.save_for_backward(*([grad_hidden] if need_hidden else []), *grad_params)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):  # type: ignore[override]
+        saved = [grad * grad_total.to(grad.dtype) for grad in ctx.saved_tensors]
+        grad_hidden = saved.pop(0) if ctx.need_hidden else None
+        return (grad_hidden, None, None, None, *saved)
 
 
 def causal_lm_loss(

@@ -61,8 +61,6 @@ def longest_fitting(fits: Callable[[int], bool], start: int, limit: int, multipl
 
 
 def child(args: argparse.Namespace) -> None:
-    from lora_lightning import causal_lm_loss
-
     device = torch.device("cuda")
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_gib * GIB / total), device)
@@ -74,17 +72,11 @@ def child(args: argparse.Namespace) -> None:
     def fits(tokens: int) -> bool:
         ids = torch.randint(0, vocab, (1, tokens), device=device)
         try:
-            if args.variant.endswith("_chunked"):
-                loss = causal_lm_loss(model, ids, ids)
-            else:
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
+            qlora.train_step(model, optimizer, ids, args.variant)
             ok = True
         except torch.cuda.OutOfMemoryError:
             ok = False
         optimizer.zero_grad(set_to_none=True)
-        loss = None
         torch.cuda.empty_cache()
         tried[tokens] = ok
         print(f"# {args.variant}: {tokens} tokens {'fit' if ok else 'out of memory'}", file=sys.stderr, flush=True)

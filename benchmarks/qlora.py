@@ -84,6 +84,16 @@ def _adapt(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     return model
 
 
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor, variant: str) -> None:
+    """One step on ``ids`` as labels too: the model's own loss, or ``causal_lm_loss`` for ``*_chunked``."""
+    from lora_lightning import causal_lm_loss
+
+    loss = causal_lm_loss(model, ids, ids) if variant.endswith("_chunked") else model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def child(args: argparse.Namespace) -> None:
     """One variant in this process: load, adapt, train ``--steps`` steps, print one JSON line."""
     shape = SIZES[args.size]
@@ -92,7 +102,7 @@ def child(args: argparse.Namespace) -> None:
     import peft  # noqa: F401  (every import before the baseline, so it measures only the model)
     import transformers  # noqa: F401
 
-    from lora_lightning import causal_lm_loss
+    import lora_lightning  # noqa: F401
 
     before = shapes.rss_bytes()
     t0 = time.perf_counter()
@@ -104,13 +114,7 @@ def child(args: argparse.Namespace) -> None:
     ids = shapes.token_batch(shape, device)
 
     def step() -> None:
-        if args.variant.endswith("_chunked"):
-            loss = causal_lm_loss(model, ids, ids)
-        else:
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, ids, args.variant)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -76,14 +76,16 @@ def chunked_cross_entropy(
     labelled = targets != IGNORE_INDEX
     hidden, targets = hidden[labelled], targets[labelled]  # (n, H), (n,): only these reach the head
     count = targets.numel()
-    if not count:  # no labelled token: 0, still part of the graph (backward gives zero gradients)
-        return hidden.sum().to(_loss_dtype(hidden.dtype)) * 0.0
     params = [p for p in head.parameters() if p.requires_grad]
     if torch.is_grad_enabled() and (hidden.requires_grad or params):
         total = _ChunkedCrossEntropy.apply(hidden, targets, head, chunk_tokens, *params)
     else:
         parts = range(0, count, chunk_tokens)
-        total = sum(_chunk_sum(head(hidden[i : i + chunk_tokens]), targets[i : i + chunk_tokens])[0] for i in parts)
+        total = hidden.new_zeros((), dtype=_loss_dtype(hidden.dtype)) + sum(
+            _chunk_sum(head(hidden[i : i + chunk_tokens]), targets[i : i + chunk_tokens])[0] for i in parts
+        )
+    if not count:  # no labelled token: 0, still through the head's graph (zero gradients, every rank alike)
+        return total * 0.0
     denominator = num_items_in_batch if num_items_in_batch is not None else count
     if isinstance(denominator, Tensor):
         denominator = denominator.to(total.device)

@@ -145,6 +145,8 @@ def dequantize_into(module: nn.Module, out: Tensor, dtype: torch.dtype) -> Tenso
             part = _dequantize_blocks(bytes_, scales, size, pairs, last - first)
         if state.dtype != torch.float32:
             part = part.to(state.dtype)
+        if dtype != part.dtype:  # the dtype the layer computes in, then out's (the GEMM dtype)
+            part = part.to(dtype)
         out[start:stop].copy_(part.view(stop - start, cols))
     return out
 

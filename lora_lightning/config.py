@@ -140,7 +140,11 @@ class LoRAConfig:
     bias: BiasMode = "none"
     """Which biases train: none, all biases of the model, or the biases of adapted layers only."""
     target_modules: list[str] | str = ALL_LINEAR
-    """Name suffixes, one regex for the full name, or "all-linear" (every linear but the head)."""
+    """Name suffixes, one regex for the full name, or "all-linear" (every linear and expert bank but the
+    head). An entry naming a Mixture-of-Experts experts module (``"experts"``) adapts its fused bank."""
+    target_parameters: list[str] | None = None
+    """Fused expert parameters to adapt, by name suffix as PEFT's ``target_parameters``
+    (``["experts.gate_up_proj", "experts.down_proj"]``); ``target_modules`` may then be ``[]``."""
     exclude_modules: list[str] | str | None = None
     """Modules never adapted, same rules as target_modules."""
     layers_to_transform: list[int] | int | None = None
@@ -216,7 +220,7 @@ class LoRAConfig:
 
     def _normalise_sequences(self, p: _Problems) -> None:
         """Turn tuples / Hydra ListConfig / DictConfig into plain lists and dicts (so eq and to_dict work)."""
-        for name in ("target_modules", "exclude_modules", "layers_pattern", "modules_to_save"):
+        for name in ("target_modules", "target_parameters", "exclude_modules", "layers_pattern", "modules_to_save"):
             value = getattr(self, name)
             if value is None or isinstance(value, str):
                 continue
@@ -245,8 +249,18 @@ class LoRAConfig:
                 p.value_error("target_modules must be a non-empty list, a regex, or \"all-linear\", got ''")
             else:
                 _check_regex(p, "target_modules", targets)
-        elif isinstance(targets, list) and not targets:
-            p.value_error('target_modules must be a non-empty list, a regex, or "all-linear", got []')
+        elif isinstance(targets, list) and not targets and not self.target_parameters:
+            p.value_error(
+                'target_modules must be a non-empty list, a regex, or "all-linear", got [] '
+                "(an empty list is allowed when target_parameters names expert parameters)"
+            )
+        if isinstance(self.target_parameters, str):
+            p.type_error(
+                f"target_parameters must be a list of parameter names (['experts.gate_up_proj']), "
+                f"got the string {self.target_parameters!r}"
+            )
+        elif self.target_parameters is not None and not all(self.target_parameters):
+            p.value_error(f"target_parameters entries must be non-empty names, got {self.target_parameters!r}")
         if isinstance(self.exclude_modules, str):
             _check_regex(p, "exclude_modules", self.exclude_modules)
         if isinstance(self.layers_pattern, str):
@@ -297,12 +311,21 @@ class LoRAConfig:
         """The name rule alone (list suffix or regex); "all-linear" is resolved by the injector."""
         return not self.is_all_linear and name_matches(name, self.target_modules)
 
+    def matches_parameter(self, name: str) -> bool:
+        """A parameter's full name (``model.layers.0.mlp.experts.down_proj``) matches ``target_parameters``."""
+        return bool(self.target_parameters) and name_matches(name, self.target_parameters)  # type: ignore[arg-type]
+
     def in_selected_layers(self, name: str) -> bool:
         indices = self.layer_indices()
         if indices is None:
             return True
         index = layer_index(name, self.layers_pattern)  # type: ignore[arg-type]
         return index is not None and index in indices
+
+    @staticmethod
+    def has_pattern(patterns: Mapping[str, Any], name: str) -> bool:
+        """Whether a rank_pattern / alpha_pattern key matches ``name``."""
+        return _pattern_value(patterns, name) is not None
 
     def rank_for(self, name: str) -> int:
         value = _pattern_value(self.rank_pattern, name)

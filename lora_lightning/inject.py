@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from lora_lightning.config import LoRAConfig
+from lora_lightning.nn.experts import LoRAExperts, LoRARouter, ParameterAdapter, is_lora_bank
 from lora_lightning.nn.layers import LoRAEmbedding, LoRALayer, LoRALinear, adaptable_kind, is_lora_layer
 from lora_lightning.nn.variant_table import variant_for
 from lora_lightning.ops.process_memory import release_mapped_weights
 from lora_lightning.summary import AdaptedModule, LoRAReport, ParameterSummary, parameter_summary
-from lora_lightning.targets import modules_to_save, plan_targets
+from lora_lightning.targets import BankTarget, modules_to_save, plan_adapters
 
 _CONFIG_ATTR = "_lora_config"
 
@@ -29,8 +30,29 @@ def get_lora_config(model: nn.Module) -> LoRAConfig | None:
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
-    """Every LoRA layer of the model by its full name (the name the original module had)."""
+    """Every LoRA layer (linear, embedding) of the model by its full name (the name the original module had)."""
     return {name: module for name, module in model.named_modules() if is_lora_layer(module)}
+
+
+def lora_banks(model: nn.Module) -> dict[str, ParameterAdapter]:
+    """Every adapted expert bank (and router) of the model by its full name (``model.layers.0.mlp.experts``)."""
+    return {name: module for name, module in model.named_modules() if is_lora_bank(module)}
+
+
+def adapted_modules(model: nn.Module) -> dict[str, LoRALayer | ParameterAdapter]:
+    """Every adapted module, layers and banks: what merging, unloading and "is it adapted?" go through."""
+    return {name: m for name, m in model.named_modules() if is_lora_layer(m) or is_lora_bank(m)}
+
+
+def bank_ranks(config: LoRAConfig, bank: BankTarget) -> dict[str, tuple[int, float]]:
+    """``{projection: (r, alpha)}``: rank_pattern / alpha_pattern keys match the parameter's full name
+    (``...experts.gate_up_proj``, as PEFT's target_parameters do), else the bank's module name."""
+    ranks = {}
+    for projection, name in zip(bank.projections, bank.parameter_names(), strict=True):
+        r = config.rank_for(name) if config.has_pattern(config.rank_pattern, name) else config.rank_for(bank.name)
+        alpha = config.alpha_for(name) if config.has_pattern(config.alpha_pattern, name) else config.alpha_for(bank.name)
+        ranks[projection] = (r, alpha)
+    return ranks
 
 
 def _check_base(name: str, module: nn.Module) -> None:
@@ -73,6 +95,11 @@ def mark_trainable(model: nn.Module, config: LoRAConfig) -> None:
             getattr(layer, role.attr).requires_grad_(True)
         if config.freeze_A and isinstance(layer, LoRALinear):
             layer.lora_A.requires_grad_(False)
+    for bank in lora_banks(model).values():
+        for param in bank.lora_B.values():
+            param.requires_grad_(True)
+        for param in bank.lora_A.values():
+            param.requires_grad_(not config.freeze_A)
     linears = adapted_linear_names(model)
     for name, param in model.named_parameters():
         if trains_bias(name, config, linears):
@@ -99,6 +126,20 @@ def lora_report(model: nn.Module, config: LoRAConfig | None = None) -> LoRARepor
         )
         for name, layer in lora_layers(model).items()
     ]
+    for name, bank in lora_banks(model).items():
+        modules += [
+            AdaptedModule(
+                name=f"{name}.{p}",
+                kind=bank.kind.name,
+                in_features=bank.features[p][0],
+                out_features=bank.features[p][1],
+                r=bank.r[p],
+                alpha=bank.alpha[p],
+                scale=bank.scale[p],
+                experts=bank.num_experts,
+            )
+            for p in bank.projections
+        ]
     saved = [name for name, _ in modules_to_save(model, config)]
     return LoRAReport(config=config, modules=modules, modules_to_save=saved, params=parameter_summary(model))
 
@@ -127,7 +168,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, *, initialize: bool = True
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
-    existing = lora_layers(model)
+    existing = adapted_modules(model)
     if existing:
         previous = get_lora_config(model)
         if previous == config:
@@ -139,7 +180,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig, *, initialize: bool = True
             "call merge_and_unload(model) first, or pass the same config to make this a no-op"
         )
 
-    targets = plan_targets(model, config)
+    targets, banks = plan_adapters(model, config)
     for name, module in targets:
         _check_base(name, module)
     options = {
@@ -156,6 +197,17 @@ def inject_lora(model: nn.Module, config: LoRAConfig, *, initialize: bool = True
         else:
             layer = LoRALinear(module, r, alpha, dropout=config.dropout, **options)
         replace_submodule(model, name, layer)
+    for bank in banks:
+        adapted = (LoRARouter if bank.router else LoRAExperts)(
+            bank.module,
+            bank_ranks(config, bank),
+            dropout=config.dropout,
+            use_rslora=config.use_rslora,
+            init=options["init"],
+            init_std=config.init_std,
+            dtype=options["dtype"],
+        )
+        replace_submodule(model, bank.name, adapted)
     holds_quantized = False
     for module in model.modules():  # every quantized layer, adapted or not, keeps one weight layout
         kind = adaptable_kind(module)
@@ -181,8 +233,10 @@ __all__ = [
     "AdaptedModule",
     "LoRAReport",
     "ParameterSummary",
+    "adapted_modules",
     "get_lora_config",
     "inject_lora",
+    "lora_banks",
     "lora_layers",
     "lora_report",
     "mark_trainable",

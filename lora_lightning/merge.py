@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from lora_lightning.inject import lora_layers, remove_lora_config, replace_submodule
+from lora_lightning.inject import adapted_modules, lora_layers, remove_lora_config, replace_submodule
+from lora_lightning.nn.experts import is_lora_bank
 from lora_lightning.nn.layers import is_lora_layer
 
 
@@ -105,7 +106,7 @@ def merge_lora(model: nn.Module, fidelity: MergeFidelity | None = None) -> nn.Mo
         The same model, for chaining.
     """
     _untie_adapted_weights(model)
-    for name, layer in lora_layers(model).items():
+    for name, layer in adapted_modules(model).items():
         figures = layer.merge(measure=fidelity is not None)
         if fidelity is not None:
             fidelity.add(name, figures)
@@ -114,7 +115,7 @@ def merge_lora(model: nn.Module, fidelity: MergeFidelity | None = None) -> nn.Mo
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
     """Subtract every merged adapter from its base weight (exact in float32 up to 1 ulp)."""
-    for layer in lora_layers(model).values():
+    for layer in adapted_modules(model).values():
         layer.unmerge()
     return model
 
@@ -125,7 +126,8 @@ def merge_and_unload(model: nn.Module, fidelity: MergeFidelity | None = None) ->
     The result has the original model's module tree and ``state_dict`` keys, so its weights load
     ``strict=True`` into a freshly built base model. Parameters keep their ``requires_grad``
     (base weights stay frozen; modules_to_save stay trainable). An adapted quantized layer comes
-    back as a plain ``nn.Linear`` in its compute dtype holding ``W + s B A``.
+    back as a plain ``nn.Linear`` in its compute dtype holding ``W + s B A``; an adapted expert bank
+    comes back as the model's experts module holding every ``W_e + s B_e A_e``.
 
     Args:
         model: a model carrying adapters.
@@ -135,13 +137,13 @@ def merge_and_unload(model: nn.Module, fidelity: MergeFidelity | None = None) ->
         The same model object, modified in place (a LoRA layer passed as the root is replaced by
         its base layer, which is returned).
     """
-    if is_lora_layer(model):
+    if is_lora_layer(model) or is_lora_bank(model):
         figures = model.merge(measure=fidelity is not None)
         if fidelity is not None:
             fidelity.add("", figures)
         return model.base_layer
     merge_lora(model, fidelity)
-    for name, layer in lora_layers(model).items():
+    for name, layer in adapted_modules(model).items():
         replace_submodule(model, name, layer.base_layer)
     remove_lora_config(model)
     return model

@@ -16,17 +16,23 @@ from lora_lightning.kinds import logical_numel
 class AdaptedModule:
     """One adapted module as the report shows it."""
 
-    name: str
-    kind: str  # base layer type: Linear, Conv1D, Embedding
+    name: str  # the module, or for an expert bank the adapted parameter (``...mlp.experts.down_proj``)
+    kind: str  # base layer type: Linear, Conv1D, Embedding, Experts
     in_features: int
     out_features: int
     r: int
     alpha: float
     scale: float
+    experts: int = 1  # an expert bank's projection holds r x (in + out) factors per expert
 
     @property
     def num_params(self) -> int:
-        return self.r * (self.in_features + self.out_features)
+        return self.experts * self.r * (self.in_features + self.out_features)
+
+    @property
+    def type_label(self) -> str:
+        """The type column: ``Linear``, or ``Experts(8)`` for a bank of 8 experts."""
+        return f"{self.kind}({self.experts})" if self.kind == "Experts" else self.kind
 
 
 @dataclass(frozen=True)
@@ -62,12 +68,13 @@ class LoRAReport:
 
     def rows(self, full: bool = False) -> list[tuple[str, str, str, str, str]]:
         """(module, type, in, out, r): one row per role across layers (modules that differ only in
-        block index, ``model.layers.*.mlp.up_proj (x32)``), or with ``full`` one per adapted module."""
+        block index, ``model.layers.*.mlp.up_proj (x32)``), or with ``full`` one per adapted module.
+        An expert bank shows one row per adapted projection, typed ``Experts(E)``, in / out of one expert."""
         if full:
-            return [(m.name, m.kind, str(m.in_features), str(m.out_features), str(m.r)) for m in self.modules]
+            return [(m.name, m.type_label, str(m.in_features), str(m.out_features), str(m.r)) for m in self.modules]
         groups: dict[tuple[str, str, int, int, int], int] = {}
         for m in self.modules:
-            key = (re.sub(r"\.\d+(?=\.)", ".*", m.name), m.kind, m.in_features, m.out_features, m.r)
+            key = (re.sub(r"\.\d+(?=\.)", ".*", m.name), m.type_label, m.in_features, m.out_features, m.r)
             groups[key] = groups.get(key, 0) + 1
         return [
             (f"{name} (x{count})" if count > 1 else name, kind, str(i), str(o), str(r))

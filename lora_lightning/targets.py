@@ -8,10 +8,22 @@ layer indices, exclusions) on a model and checks every problem before anything c
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 
 from torch import nn
 
 from lora_lightning.config import LoRAConfig, layer_index, name_matches
+from lora_lightning.kinds.experts import (
+    BANK,
+    DOWN,
+    GATED_UP,
+    PLAIN_UP,
+    ROUTER_PARAMETER,
+    is_expert_bank,
+    is_router,
+    layout_of,
+)
+from lora_lightning.nn.experts import BANK_INITS, is_lora_bank
 from lora_lightning.nn.inits import rewrites_base
 from lora_lightning.nn.layers import adaptable_kind, is_lora_layer
 
@@ -28,10 +40,110 @@ def _candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if not name or any(name.startswith(prefix) for prefix in inside):
             continue
-        if is_lora_layer(module):
+        if is_lora_layer(module) or is_lora_bank(module):
             inside.append(name + ".")
         found.append((name, module))
     return found
+
+
+@dataclass(frozen=True)
+class BankTarget:
+    """An expert bank (or a router) a config adapts: its module name, the module, the parameters adapted."""
+
+    name: str
+    module: nn.Module
+    projections: tuple[str, ...]
+    router: bool = False
+
+    def parameter_names(self) -> list[str]:
+        """Full names of the adapted parameters (``...mlp.experts.down_proj``): what rank_pattern keys match."""
+        return [f"{self.name}.{p}" for p in self.projections]
+
+
+def _is_router(module: nn.Module) -> bool:
+    return adaptable_kind(module) is None and is_router(module)
+
+
+def _bank_module(module: nn.Module) -> nn.Module:
+    return module.base_layer if is_lora_bank(module) else module
+
+
+def _bank_projections(module: nn.Module) -> tuple[str, ...]:
+    layout = layout_of(module)
+    if layout is not None:
+        return layout.projections
+    params = dict(module.named_parameters(recurse=False))
+    return tuple(p for p in (GATED_UP, PLAIN_UP, DOWN) if p in params)
+
+
+def _bank_targets(candidates: list[tuple[str, nn.Module]], config: LoRAConfig) -> list[BankTarget]:
+    """The expert banks (and which of their projections) ``config`` selects, before the layer filter."""
+    found = []
+    for name, module in candidates:
+        module = _bank_module(module)
+        if config.is_excluded(name):
+            continue
+        if _is_router(module):  # only when named: all-linear leaves routers alone (README: "Routers")
+            parameter = f"{name}.{ROUTER_PARAMETER}"
+            if config.matches_name(name) or config.matches_parameter(parameter):
+                found.append(BankTarget(name, module, (ROUTER_PARAMETER,), router=True))
+            continue
+        if not is_expert_bank(module):
+            continue
+        projections = _bank_projections(module)
+        if not (config.is_all_linear or config.matches_name(name)):
+            projections = tuple(p for p in projections if config.matches_parameter(f"{name}.{p}"))
+        projections = tuple(p for p in projections if not config.is_excluded(f"{name}.{p}"))
+        if projections:
+            found.append(BankTarget(name, module, projections))
+    return found
+
+
+def _check_banks(config: LoRAConfig, banks: list[BankTarget], candidates: list[tuple[str, nn.Module]]) -> None:
+    """Every bank selected can be adapted as asked; every target_parameters entry names a bank parameter."""
+    for bank in banks:
+        if bank.router:
+            if config.dropout:
+                raise ValueError(
+                    f"dropout={config.dropout} cannot apply to router {bank.name!r}: its update goes into the "
+                    "weight, there is no adapter input to drop; set dropout=0 or leave routers out of "
+                    "target_parameters"
+                )
+            continue
+        problem = BANK.problem(bank.module)
+        if problem is not None:
+            raise TypeError(
+                f"module {bank.name!r} ({type(bank.module).__name__}) {problem}; exclude it with exclude_modules"
+            )
+        if config.use_dora:
+            raise ValueError(
+                f"use_dora=True cannot adapt expert bank {bank.name!r}: DoRA's per-output norm of W + s B A would "
+                "form every expert's merged weight; exclude the experts (exclude_modules=['experts']) or set "
+                "use_dora=False"
+            )
+        if config.init_lora_weights not in BANK_INITS:
+            raise ValueError(
+                f"init_lora_weights={config.init_lora_weights!r} cannot start expert bank {bank.name!r}; banks take "
+                f"{' or '.join(map(repr, BANK_INITS))}: exclude the experts or pick one of those"
+            )
+    if not config.target_parameters:
+        return
+    parameters = [
+        f"{name}.{p}"
+        for name, module in candidates
+        if is_expert_bank(bank := _bank_module(module))
+        for p in _bank_projections(bank)
+    ]
+    parameters += [f"{name}.{ROUTER_PARAMETER}" for name, module in candidates if _is_router(_bank_module(module))]
+    unmatched = [entry for entry in config.target_parameters if not any(name_matches(n, [entry]) for n in parameters)]
+    if config.allow_unmatched_targets and len(unmatched) < len(config.target_parameters):
+        return  # (as PEFT: entries for other model families may pass, but something must match)
+    if unmatched:
+        have = sorted({n.split(".", 1)[-1] if "." not in n else ".".join(n.rsplit(".", 2)[-2:]) for n in parameters})
+        raise ValueError(
+            f"target_parameters entr{'y' if len(unmatched) == 1 else 'ies'} {unmatched} matched no fused expert "
+            f"parameter; {'this model has: ' + ', '.join(have) if have else 'this model has no fused experts'}"
+        )
 
 
 def _output_head_names(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> set[str]:
@@ -70,7 +182,7 @@ def _is_linear(module: nn.Module) -> bool:
 def _leaf_names(candidates: list[tuple[str, nn.Module]]) -> list[str]:
     seen: dict[str, None] = {}
     for name, module in candidates:
-        if adaptable_kind(module) is not None:
+        if adaptable_kind(module) is not None or is_expert_bank(_bank_module(module)):
             seen.setdefault(name.rsplit(".", 1)[-1], None)
     return list(seen)
 
@@ -112,23 +224,42 @@ def _check_base_rewrite(init: str, targets: list[tuple[str, nn.Module]]) -> None
 
 
 def plan_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Module]]:
-    """The modules ``config`` selects in ``model``, validated; the model is not touched.
+    """The linear and embedding modules ``config`` selects in ``model``, validated (banks included in
+    the checks; :func:`plan_banks` lists them); the model is not touched."""
+    return plan_adapters(model, config)[0]
+
+
+def plan_banks(model: nn.Module, config: LoRAConfig) -> list[BankTarget]:
+    """The expert banks ``config`` selects in ``model``, validated; the model is not touched."""
+    return plan_adapters(model, config)[1]
+
+
+def plan_adapters(model: nn.Module, config: LoRAConfig) -> tuple[list[tuple[str, nn.Module]], list[BankTarget]]:
+    """The modules ``config`` selects in ``model``: linear / embedding layers, and expert banks.
 
     Raises:
         ValueError: nothing matched, ``layers_to_transform`` out of range, ``modules_to_save``
-            naming no module.
-        TypeError: a target of a type that cannot be adapted.
+            naming no module, a variant or init a bank cannot take.
+        TypeError: a target of a type that cannot be adapted, a bank of an unknown layout.
     """
     candidates = _candidate_modules(model)
+    banks = _bank_targets(candidates, config)
     if config.is_all_linear:
         heads = _output_head_names(model, candidates)
         by_name = [(n, m) for n, m in candidates if _is_linear(m) and n not in heads]
     else:
-        by_name = [(n, m) for n, m in candidates if config.matches_name(n)]
+        claimed = {b.name for b in banks}
+        by_name = [(n, m) for n, m in candidates if config.matches_name(n) and n not in claimed]
     by_name = [(n, m) for n, m in by_name if not config.is_excluded(n)]
 
-    if isinstance(config.target_modules, list) and by_name and not config.allow_unmatched_targets:
+    if isinstance(config.target_modules, list) and (by_name or banks) and not config.allow_unmatched_targets:
         _check_every_entry_matches(config.target_modules, candidates)
+    _check_layers(config, by_name + [(b.name, b.module) for b in banks])
+    banks = [b for b in banks if config.in_selected_layers(b.name)]
+    _check_banks(config, banks, candidates)
+    if not by_name and banks:
+        _check_saved(model, config, candidates)
+        return [], banks
     if not by_name:
         leaves = ", ".join(_leaf_names(candidates)) or "(none)"
         what = (
@@ -142,14 +273,7 @@ def plan_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
             f"linear and embedding modules in this model end with: {leaves}"
         )
 
-    wanted_layers = config.layer_indices()
-    if wanted_layers is not None:
-        present = sorted({i for n, _ in by_name if (i := layer_index(n, config.layers_pattern)) is not None})
-        missing = sorted(set(wanted_layers) - set(present))
-        if missing:
-            have = f"{present[0]}..{present[-1]}" if present else "none (no numbered blocks found)"
-            raise ValueError(f"layers_to_transform {missing} out of range: the targeted modules sit in layers {have}")
-        by_name = [(n, m) for n, m in by_name if config.in_selected_layers(n)]
+    by_name = [(n, m) for n, m in by_name if config.in_selected_layers(n)]
 
     unsupported = [(n, m) for n, m in by_name if adaptable_kind(m) is None]
     if unsupported:
@@ -168,6 +292,22 @@ def plan_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
 
     if rewrites_base(config.init_lora_weights):
         _check_base_rewrite(config.init_lora_weights, by_name)
+    _check_saved(model, config, candidates)
+    return by_name, banks
+
+
+def _check_layers(config: LoRAConfig, selected: list[tuple[str, nn.Module]]) -> None:
+    wanted_layers = config.layer_indices()
+    if wanted_layers is None:
+        return
+    present = sorted({i for n, _ in selected if (i := layer_index(n, config.layers_pattern)) is not None})
+    missing = sorted(set(wanted_layers) - set(present))
+    if missing:
+        have = f"{present[0]}..{present[-1]}" if present else "none (no numbered blocks found)"
+        raise ValueError(f"layers_to_transform {missing} out of range: the targeted modules sit in layers {have}")
+
+
+def _check_saved(model: nn.Module, config: LoRAConfig, candidates: list[tuple[str, nn.Module]]) -> None:
     names = {n for n, _ in candidates}
     for entry in config.modules_to_save or ():
         if not any(name_matches(n, [entry]) for n in names):
@@ -180,7 +320,6 @@ def plan_targets(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Mod
                 "full must stay in full precision: keep it out of the quantization (llm_int8_skip_modules in "
                 "BitsAndBytesConfig) or drop it from modules_to_save"
             )
-    return by_name
 
 
 def modules_to_save(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Module]]:

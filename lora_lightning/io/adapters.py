@@ -29,7 +29,10 @@ from lora_lightning.inject import (
     _CONFIG_ATTR,
     LoRAReport,
     adapted_linear_names,
+    adapted_modules,
+    bank_ranks,
     inject_lora,
+    lora_banks,
     lora_layers,
     lora_report,
     remove_lora_config,
@@ -42,7 +45,7 @@ from lora_lightning.io.export import export_merged
 from lora_lightning.io.load_plan import choose_config, plan_load, saved_modules, with_file_dtype
 from lora_lightning.nn.inits import rewrites_base
 from lora_lightning.nn.layers import LoRALinear, adaptable_kind
-from lora_lightning.targets import plan_targets
+from lora_lightning.targets import plan_adapters, plan_targets
 
 # -- what belongs to the adapter ---------------------------------------------------------------------
 
@@ -51,7 +54,7 @@ def _adapted_root(model: nn.Module) -> tuple[str, nn.Module, LoRAConfig]:
     """The submodule ``inject_lora`` was called on (it holds the config), its name, and the config."""
     for name, module in model.named_modules():
         config = vars(module).get(_CONFIG_ATTR)
-        if isinstance(config, LoRAConfig) and lora_layers(module):
+        if isinstance(config, LoRAConfig) and adapted_modules(module):
             return name, module, config
     raise ValueError("model carries no LoRA adapters: inject them with inject_lora or load_adapter first")
 
@@ -62,6 +65,9 @@ def _own_adapter_state(root: nn.Module, config: LoRAConfig) -> dict[str, Tensor]
     out: dict[str, Tensor] = {}
     for name, layer in lora_layers(root).items():
         out.update({f"{name}.{role.attr}": getattr(layer, role.attr) for role in layer.variant.roles})
+    for name, bank in lora_banks(root).items():
+        for p in bank.projections:
+            out[f"{name}.lora_A.{p}"], out[f"{name}.lora_B.{p}"] = bank.lora_A[p], bank.lora_B[p]
     linears = adapted_linear_names(root)
     out.update({k: v for k, v in state.items() if isinstance(v, nn.Parameter) and trains_bias(k, config, linears)})
     for module in saved_modules(root, config):
@@ -89,15 +95,21 @@ def _name_or_path(model: nn.Module) -> str | None:
     return str(value) if value else None
 
 
+def _bank_parameters(root: nn.Module) -> dict[str, tuple[int, float]]:
+    """Full parameter name -> (r, alpha) of every adapted bank / router parameter."""
+    return {
+        f"{name}.{p}": (bank.r[p], bank.alpha[p]) for name, bank in lora_banks(root).items() for p in bank.projections
+    }
+
+
 def _check_round_trip(root: nn.Module, data: dict[str, Any], ranks: Mapping[str, tuple[int, float]]) -> None:
-    """The written config must select exactly the adapted modules with their ranks and alphas."""
+    """The written config must select exactly the adapted modules and parameters with their ranks and alphas."""
     config = pf.config_from_peft(data)
-    selected = {name for name, _ in plan_targets(root, config)}
-    wrong = sorted(
-        name
-        for name in selected | set(ranks)
-        if name not in selected or name not in ranks or (config.rank_for(name), config.alpha_for(name)) != ranks[name]
-    )
+    targets, banks = plan_adapters(root, config)
+    selected = {name: (config.rank_for(name), config.alpha_for(name)) for name, _ in targets}
+    for bank in banks:
+        selected.update({f"{bank.name}.{p}": value for p, value in bank_ranks(config, bank).items()})
+    wrong = sorted(name for name in set(selected) | set(ranks) if selected.get(name) != ranks.get(name))
     if wrong:
         raise ValueError(f"adapter layers disagree with their config at {wrong[:5]}; were layers replaced by hand?")
 
@@ -110,6 +122,18 @@ def _for_original_base(tensors: dict[str, Tensor], layers: Mapping[str, Any]) ->
         out[f"{name}.lora_A"] = torch.cat([tensors[f"{name}.lora_A"], A0.to(layer.lora_A.dtype)], dim=0)
         out[f"{name}.lora_B"] = torch.cat([tensors[f"{name}.lora_B"], -B0.to(layer.lora_B.dtype)], dim=1)
     return out
+
+
+def _bank_file_tensors(root: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """PEFT's file tensors of every adapted bank / router; their keys leave ``state``."""
+    tensors = {}
+    for name, bank in lora_banks(root).items():
+        order = [n for n, _ in bank.base_layer.named_parameters(recurse=False) if n in bank.projections]
+        for p, path in pf.bank_wrapper_paths(name, order).items():
+            A, B = pf.bank_to_file(state.pop(f"{name}.lora_A.{p}"), state.pop(f"{name}.lora_B.{p}"))
+            tensors[f"{pf.PEFT_PREFIX}{path}.lora_A.weight"] = A
+            tensors[f"{pf.PEFT_PREFIX}{path}.lora_B.weight"] = B
+    return tensors
 
 
 def save_adapter(
@@ -140,12 +164,13 @@ def save_adapter(
     layers = lora_layers(root)
     state = _own_adapter_state(root, config)
     ranks = {name: (layer.r, layer.alpha) for name, layer in layers.items()}
+    parameters = _bank_parameters(root)
     written = config
     if rewrites_base(config.init_lora_weights):  # the base was rewritten: write for the original one
         written, factor = pf.for_original_base(config), pf.alpha_factor(config)
         state = _for_original_base(state, layers)
         ranks = {name: (2 * r, alpha * factor) for name, (r, alpha) in ranks.items()}
-    tensors = {}
+    tensors = _bank_file_tensors(root, state)
     for key, tensor in state.items():
         layer = layers.get(key.rpartition(".")[0])
         roles = layer.variant.roles if layer is not None else ()
@@ -161,8 +186,9 @@ def save_adapter(
         fan_in_fan_out=bool(linear) and all(layer.kind.transposed for layer in linear),
         task_type=task_type,
         base_model_name_or_path=base_model_name_or_path or _name_or_path(root),
+        parameters=parameters,
     )
-    _check_round_trip(root, data, ranks)
+    _check_round_trip(root, data, {**ranks, **parameters})
     # adapter_config.json holds PEFT's fields only (PEFT warns "upgrade the PEFT version" at any other).
     # Our own record is in the weights file's metadata, which PEFT does not read: our config, to restore
     # fields PEFT lacks (freeze_A, ...), and for PiSSA / OLoRA the init the adapter was trained from (it
@@ -207,7 +233,7 @@ def _read_adapter_files(path: Path) -> tuple[dict[str, Any], dict[str, Tensor], 
 
 def _rollback(model: nn.Module, flags: list[tuple[Tensor, bool]], backups: dict[Tensor, Tensor]) -> None:
     """Put the model back as it was before a failed load: base modules, values, requires_grad."""
-    for name, layer in lora_layers(model).items():
+    for name, layer in adapted_modules(model).items():
         replace_submodule(model, name, layer.base_layer)
     remove_lora_config(model)
     with torch.no_grad():
@@ -236,7 +262,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, trainable: b
         The :class:`LoRAReport` of the injection.
     """
     path = Path(directory)
-    existing = lora_layers(model)
+    existing = adapted_modules(model)
     if existing:
         raise ValueError(
             f"model already carries LoRA adapters on {len(existing)} module(s); load {str(path)!r} into a model "
@@ -262,6 +288,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, trainable: b
         with torch.no_grad():
             for (name, attr), tensor in plan.lora.items():
                 getattr(layers[name], attr).copy_(tensor)
+            banks = lora_banks(model)
+            for (name, attr, p), tensor in plan.banks.items():
+                getattr(banks[name], attr)[p].copy_(tensor)
             for key, tensor in plan.state.items():
                 state[key].copy_(tensor)  # the same tensor objects live on under .base_layer
         if not trainable:

@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from lora_lightning.inject import lora_layers
+from lora_lightning.inject import adapted_modules, lora_layers
 from lora_lightning.io.atomic_files import (
     MERGED_INDEX_NAME,
     MERGED_MARKERS,
@@ -96,7 +96,7 @@ def export_merged(
             merge_and_unload(model)
         return target
     # A model without LoRA layers (merged and unloaded already) is written as it is: no copy needed.
-    merged = merge_and_unload(model if in_place or not lora_layers(model) else copy.deepcopy(model))
+    merged = merge_and_unload(model if in_place or not adapted_modules(model) else copy.deepcopy(model))
     if dtype is not None:
         merged.to(_DTYPES[dtype])
     with atomic_directory(target) as tmp:

@@ -18,13 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from lora_lightning.config import ADAPTER_DTYPES, LoRAConfig
-from lora_lightning.inject import trains_bias
+from lora_lightning.inject import bank_ranks, trains_bias
 from lora_lightning.io import peft_format as pf
+from lora_lightning.kinds.experts import BANK, ROUTER
 from lora_lightning.nn.inits import rewrites_base
 from lora_lightning.nn.layers import adaptable_kind
 from lora_lightning.nn.variant_table import roles_of
 from lora_lightning.nn.variants import TensorRole
-from lora_lightning.targets import modules_to_save, plan_targets
+from lora_lightning.targets import BankTarget, modules_to_save, plan_adapters
 
 _MAX_LISTED = 12  # problems listed in one error before "... and N more"
 
@@ -45,7 +46,9 @@ def saved_modules(root: nn.Module, config: LoRAConfig) -> list[str]:
 
 def resolution(model: nn.Module, config: LoRAConfig) -> tuple:
     """What a config does to a model: modules with rank and alpha, and everything else that trains."""
-    targets = tuple((name, config.rank_for(name), config.alpha_for(name)) for name, _ in plan_targets(model, config))
+    modules, banks = plan_adapters(model, config)
+    targets = tuple((name, config.rank_for(name), config.alpha_for(name)) for name, _ in modules)
+    targets += tuple((f"{b.name}.{p}", *value) for b in banks for p, value in bank_ranks(config, b).items())
     variant = (config.use_dora, config.init_lora_weights if rewrites_base(config.init_lora_weights) else None)
     return targets, config.use_rslora, config.bias, config.dropout, tuple(saved_modules(model, config)), variant
 
@@ -72,6 +75,7 @@ class LoadPlan:
 
     config: LoRAConfig
     lora: dict[tuple[str, str], Tensor] = field(default_factory=dict)  # (module, "lora_A", ...) -> tensor
+    banks: dict[tuple[str, str, str], Tensor] = field(default_factory=dict)  # (bank, "lora_A", parameter) -> (E, r, in)
     state: dict[str, Tensor] = field(default_factory=dict)  # model state_dict key -> tensor
     problems: list[str] = field(default_factory=list)
 
@@ -98,6 +102,67 @@ def _targets(targets: list[tuple[str, nn.Module]], config: LoRAConfig) -> dict[s
             raise ValueError(f"module {name!r} has its weight on the meta device; load the base weights first")
         found[name] = _Target(kind.embedding, *kind.features(module), config.rank_for(name))
     return found
+
+
+@dataclass(frozen=True)
+class _BankSlot:
+    """One adapted bank / router parameter as PEFT's file holds it (under ``path``)."""
+
+    bank: str
+    parameter: str
+    experts: int
+    in_features: int
+    out_features: int
+    r: int
+
+
+def _bank_slots(banks: list[BankTarget], config: LoRAConfig) -> dict[str, _BankSlot]:
+    """PEFT's wrapper path of each adapted parameter -> what its factors must be."""
+    kinds = {}
+    for bank in banks:
+        kind = ROUTER if bank.router else BANK
+        if kind.is_meta(bank.module):
+            raise ValueError(f"module {bank.name!r} has its weights on the meta device; load the base weights first")
+        ranks = bank_ranks(config, bank)
+        order = [n for n, _ in bank.module.named_parameters(recurse=False) if n in bank.projections]
+        for p, path in pf.bank_wrapper_paths(bank.name, order).items():
+            features = kind.features(bank.module, p)
+            kinds[path] = _BankSlot(bank.name, p, kind.num_experts(bank.module), *features, ranks[p][0])
+    return kinds
+
+
+def _check_bank_tensor(plan: LoadPlan, key: pf.FileKey, tensor: Tensor, slot: _BankSlot) -> None:
+    """A bank factor in PEFT's layout: A ``(r*E, in)``, B ``(out, r*E)``; stored converted to ours."""
+    rows = slot.r * slot.experts
+    expected = (rows, slot.in_features) if key.role.attr == "lora_A" else (slot.out_features, rows)
+    shape = tuple(tensor.shape)
+    if key.role.attr not in ("lora_A", "lora_B") or key.embedding:
+        plan.problems.append(f"unexpected key {key.file_key!r}: {slot.bank}.{slot.parameter} takes lora_A / lora_B")
+    elif shape != expected:
+        plan.problems.append(
+            f"shape mismatch at {key.file_key!r}: got {shape}, {slot.bank}.{slot.parameter} ({slot.experts} "
+            f"expert(s), in={slot.in_features}, out={slot.out_features}, r={slot.r}) needs {expected} "
+            "(PEFT's target_parameters layout, r x experts rows)"
+        )
+    elif not tensor.is_floating_point():
+        plan.problems.append(f"key {key.file_key!r} has dtype {tensor.dtype}; LoRA tensors must be floating point")
+    elif not _non_finite(plan, key.file_key, tensor):
+        _provide(plan, plan.banks, (slot.bank, key.role.attr, slot.parameter), key.file_key, tensor)
+
+
+def _bank_factors(plan: LoadPlan, slots: dict[str, _BankSlot]) -> None:
+    """Convert the paired file factors into ours (``(E, r, in)``, ``(E, out, r)``); report missing ones."""
+    for path, slot in slots.items():
+        names = [(slot.bank, attr, slot.parameter) for attr in ("lora_A", "lora_B")]
+        missing = [n for n in names if n not in plan.banks]
+        for _, attr, _ in missing:
+            plan.problems.append(
+                f"missing key {pf.PEFT_PREFIX + path + '.' + attr + '.weight'!r}: adapted parameter "
+                f"{slot.bank}.{slot.parameter} gets no {attr}"
+            )
+        if not missing:
+            A, B = pf.bank_from_file(plan.banks[names[0]], plan.banks[names[1]], slot.experts)
+            plan.banks[names[0]], plan.banks[names[1]] = A, B
 
 
 def _check_lora_tensor(plan: LoadPlan, key: pf.FileKey, tensor: Tensor, targets: dict[str, _Target]) -> None:
@@ -162,13 +227,16 @@ def _provide(plan: LoadPlan, slots: dict, slot: Any, file_key: str, tensor: Tens
 def plan_load(model: nn.Module, config: LoRAConfig, tensors: dict[str, Tensor], source: str) -> LoadPlan:
     """Match every file tensor to its place in the adapted model, without touching the model."""
     plan = LoadPlan(config)
-    targets = _targets(plan_targets(model, config), config)
+    modules, banks = plan_adapters(model, config)
+    targets = _targets(modules, config)
+    slots = _bank_slots(banks, config)
+    wrapped = set(targets) | {bank.name for bank in banks}
     state = model.state_dict(keep_vars=True)
     # state_dict keys as they read after injection: a target's own tensors move under ".base_layer".
     pre_key = {}
     for key in state:
         module, _, leaf = key.rpartition(".")
-        pre_key[f"{module}.base_layer.{leaf}" if module in targets else key] = key
+        pre_key[f"{module}.base_layer.{leaf}" if module in wrapped else key] = key
     saved = saved_modules(model, config)
     in_saved = {k for k in pre_key if any(k.startswith(m + ".") for m in saved)}
     linears = {name for name, target in targets.items() if not target.embedding}
@@ -184,6 +252,9 @@ def plan_load(model: nn.Module, config: LoRAConfig, tensors: dict[str, Tensor], 
         key = pf.parse_file_key(file_key)
         if key.role is not None and key.adapter is not None:
             adapters.add(key.adapter)
+        if key.role is not None and key.module in slots:
+            _check_bank_tensor(plan, key, tensor, slots[key.module])
+            continue
         if key.role is not None:
             _check_lora_tensor(plan, key, tensor, targets)
             continue
@@ -222,6 +293,7 @@ def plan_load(model: nn.Module, config: LoRAConfig, tensors: dict[str, Tensor], 
             if (name, role.attr) not in plan.lora:
                 peft_key = pf.lora_file_key(name, role, target.embedding)
                 plan.problems.append(f"missing key {peft_key!r}: adapted module {name!r} gets no {role.attr}")
+    _bank_factors(plan, slots)
     provided = {k for k in pre_key if pre_key[k] in plan.state}
     for slot in sorted(required - provided):
         owner = next((m for m in saved if slot.startswith(m + ".")), None)
@@ -239,9 +311,11 @@ def with_file_dtype(config: LoRAConfig, plan: LoadPlan, model: nn.Module) -> LoR
     """Keep the file's factor dtype when it differs from the base weights (PEFT keeps fp32 factors)."""
     if config.adapter_dtype is not None:
         return config
-    dtypes = {tensor.dtype for tensor in plan.lora.values()}
+    dtypes = {tensor.dtype for tensor in [*plan.lora.values(), *plan.banks.values()]}
     modules = {name: model.get_submodule(name) for name, _ in plan.lora}
     bases = {adaptable_kind(module).compute_dtype(module) for module in modules.values()}
+    for name, _, p in plan.banks:
+        bases.add(model.get_submodule(name).get_parameter(p).dtype)
     names = {getattr(torch, name): name for name in ADAPTER_DTYPES}
     if len(dtypes) == 1 and (dtype := dtypes.pop()) in names and bases != {dtype}:
         return LoRAConfig.from_dict({**config.to_dict(), "adapter_dtype": names[dtype]})

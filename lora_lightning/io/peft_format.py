@@ -39,6 +39,7 @@ SUPPORTED_DEFAULTS: dict[str, Any] = {
     "use_rslora": False,
     "bias": "none",
     "target_modules": None,
+    "target_parameters": None,
     "exclude_modules": None,
     "layers_to_transform": None,
     "layers_pattern": None,
@@ -53,7 +54,6 @@ SUPPORTED_DEFAULTS: dict[str, Any] = {
 UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "use_qalora": False,
     "lora_bias": False,
-    "target_parameters": None,
     "layer_replication": None,
     "megatron_config": None,
     "trainable_token_indices": None,
@@ -137,7 +137,7 @@ def config_from_peft(data: Mapping[str, Any], source: str = CONFIG_NAME) -> LoRA
     for name in sorted(set(data) - known):
         if not _unset(data[name], None):
             problems.append(f"unknown field {name}={data[name]!r} (a newer PEFT feature lora-lightning does not know)")
-    if data.get("target_modules") is None:
+    if data.get("target_modules") is None and not data.get("target_parameters"):
         problems.append("target_modules is null: the adapter names no modules")
     if problems:
         raise ValueError(f"{source}: cannot load this LoRA adapter:\n  - " + "\n  - ".join(problems))
@@ -145,6 +145,9 @@ def config_from_peft(data: Mapping[str, Any], source: str = CONFIG_NAME) -> LoRA
     value = {name: data.get(name, default) for name, default in SUPPORTED_DEFAULTS.items()}
     plain_init = "gaussian" if init == "gaussian" else "kaiming"
     targets = value["target_modules"]
+    parameters = value["target_parameters"]
+    if targets is None or (isinstance(targets, (list, tuple)) and not targets):
+        targets = []  # only target_parameters (PEFT allows that)
     layers = value["layers_to_transform"]
     if isinstance(targets, str) or layers in ([], None):
         # PEFT applies layers_to_transform to list targets only; with a regex it is ignored.
@@ -158,7 +161,8 @@ def config_from_peft(data: Mapping[str, Any], source: str = CONFIG_NAME) -> LoRA
             dropout=value["lora_dropout"],
             use_rslora=value["use_rslora"],
             bias=value["bias"],
-            target_modules=list(targets) if isinstance(targets, (list, tuple)) else targets,
+            target_modules=sorted(targets) if isinstance(targets, (list, tuple, set)) else targets,
+            target_parameters=sorted(parameters) if parameters else None,
             exclude_modules=value["exclude_modules"] or None,
             layers_to_transform=layers,
             layers_pattern=pattern,
@@ -200,13 +204,19 @@ def peft_config_dict(
     fan_in_fan_out: bool,
     task_type: str | None,
     base_model_name_or_path: str | None,
+    parameters: Mapping[str, tuple[int, float]] | None = None,
 ) -> dict[str, Any]:
-    """The ``adapter_config.json`` content for adapted modules (full name -> (r, alpha)).
+    """The ``adapter_config.json`` content for adapted modules (full name -> (r, alpha)) and adapted
+    expert / router parameters (full parameter name -> (r, alpha)).
 
     ``target_modules`` lists the full names of the adapted modules, so PEFT adapts exactly these (an
-    entry equal to a module's full name matches it and only it); ranks and alphas that differ from
-    ``r`` / ``lora_alpha`` go to ``rank_pattern`` / ``alpha_pattern`` under the full name.
+    entry equal to a module's full name matches it and only it), ``target_parameters`` the full names
+    of the adapted bare parameters; ranks and alphas that differ from ``r`` / ``lora_alpha`` go to
+    ``rank_pattern`` / ``alpha_pattern`` under the full name (per expert: PEFT's file holds ``r x E``
+    rows for a bank of ``E`` experts at rank ``r``).
     """
+    parameters = dict(parameters or {})
+    everything = {**ranks, **parameters}
     return {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -219,8 +229,9 @@ def peft_config_dict(
         "use_dora": config.use_dora,
         "bias": config.bias,
         "target_modules": sorted(ranks),
-        "rank_pattern": {name: r for name, (r, _) in sorted(ranks.items()) if r != config.r},
-        "alpha_pattern": {name: alpha for name, (_, alpha) in sorted(ranks.items()) if alpha != config.alpha},
+        "target_parameters": sorted(parameters) or None,
+        "rank_pattern": {name: r for name, (r, _) in sorted(everything.items()) if r != config.r},
+        "alpha_pattern": {name: alpha for name, (_, alpha) in sorted(everything.items()) if alpha != config.alpha},
         "modules_to_save": modules_to_save or None,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -329,6 +340,33 @@ def parse_file_key(file_key: str) -> FileKey:
         candidates = (f"{module}.{tail}", f"{module}.{rest}") if tail else (f"{module}.{rest}",)
         return FileKey(file_key, module, None, False, head if tail else None, candidates)
     return FileKey(file_key, key.rpartition(".")[0], None, False, None, (key,))
+
+
+# -- expert banks and routers (PEFT's target_parameters) -------------------------------------------
+#
+# PEFT wraps each targeted parameter of a module in a ParamWrapper, nesting them in the order the
+# module declares its parameters: the first is innermost. The outermost wrapper's factors are
+# ``<module>.lora_A.weight``; each one further in adds ``.base_layer``. For E experts at rank r, A is
+# ``(r*E, in)`` with expert e in rows ``e*r:(e+1)*r`` and B is ``(out, r*E)`` with expert e in columns
+# ``e::E`` (peft/tuners/lora/layer.py, ParamWrapper.get_delta_weight); a router (E = 1) is a linear's A, B.
+
+
+def bank_wrapper_paths(module: str, parameters: list[str]) -> dict[str, str]:
+    """The module path PEFT's wrapper of each adapted parameter has (``parameters`` in declaration order)."""
+    last = len(parameters) - 1
+    return {p: module + ".base_layer" * (last - i) for i, p in enumerate(parameters)}
+
+
+def bank_to_file(A: Any, B: Any) -> tuple[Any, Any]:
+    """Our ``A (E, r, in)``, ``B (E, out, r)`` -> PEFT's ``(r*E, in)``, ``(out, r*E)``."""
+    experts, rank, _ = A.shape
+    return A.reshape(experts * rank, -1), B.permute(1, 2, 0).reshape(B.shape[1], rank * experts)
+
+
+def bank_from_file(A: Any, B: Any, experts: int) -> tuple[Any, Any]:
+    """PEFT's ``(r*E, in)``, ``(out, r*E)`` -> our ``A (E, r, in)``, ``B (E, out, r)``."""
+    rank = A.shape[0] // experts
+    return A.reshape(experts, rank, A.shape[1]), B.reshape(B.shape[0], rank, experts).permute(2, 0, 1)
 
 
 # -- task type -------------------------------------------------------------------------------------

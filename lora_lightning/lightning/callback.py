@@ -38,7 +38,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from lora_lightning.config import QUANT_METHODS, LoRAConfig
-from lora_lightning.inject import LoRAReport, inject_lora, lora_layers
+from lora_lightning.inject import LoRAReport, adapted_modules, inject_lora, lora_banks, lora_layers
 from lora_lightning.io.adapters import adapter_state_dict, export_merged, save_adapter
 from lora_lightning.io.atomic_files import ADAPTER_DIR, MERGED_DIR, check_export_destination
 from lora_lightning.io.export import holds_quantized
@@ -105,6 +105,7 @@ class LoRACallback(pl.Callback):
         use_dora: bool | None = None,
         bias: Literal["none", "all", "lora_only"] | None = None,
         target_modules: list[str] | str | None = None,
+        target_parameters: list[str] | None = None,
         exclude_modules: list[str] | str | None = None,
         layers_to_transform: list[int] | int | None = None,
         layers_pattern: list[str] | str | None = None,
@@ -199,14 +200,14 @@ class LoRACallback(pl.Callback):
 
     def _prepare(self, pl_module: pl.LightningModule, stage: str) -> None:
         target = self._target(pl_module)
-        if not lora_layers(target):
+        if not adapted_modules(target):
             if self.state.merged_into(target):
                 if stage != "fit":
                     return  # evaluate the merged model as it is; a checkpoint load re-adapts it
                 self.state.readapt(self.state.merged.restore(target, self.config), stage)
             else:
                 self._start_afresh(target)
-        if self.quantize is not None and not lora_layers(target):
+        if self.quantize is not None and not adapted_modules(target):
             self._quantize(target)
         self.report = inject_lora(target, self.config)
         prefix = self._prefix()
@@ -255,7 +256,8 @@ class LoRACallback(pl.Callback):
             result,
             trainable,
             {id(p): name for name, p in pl_module.named_parameters()},
-            lora_B=[layer.lora_B for layer in lora_layers(self._target(pl_module)).values()],
+            lora_B=[layer.lora_B for layer in lora_layers(self._target(pl_module)).values()]
+            + [B for bank in lora_banks(self._target(pl_module)).values() for B in bank.lora_B.values()],
             lr_ratio_B=self.lr_ratio_B,
             allow_empty=self.allow_empty_optimizers,
         )
@@ -274,7 +276,7 @@ class LoRACallback(pl.Callback):
 
     def _check_checkpoint(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         target = self._target(pl_module)
-        if CHECKPOINT_KEY in checkpoint and not lora_layers(target):
+        if CHECKPOINT_KEY in checkpoint and not adapted_modules(target):
             self._prepare(pl_module, "fit")  # merged at fit end: brings the base back (when it is ours)
         check_adapter_checkpoint(
             checkpoint.get(CHECKPOINT_KEY),
@@ -324,7 +326,7 @@ class LoRACallback(pl.Callback):
     def _export_and_merge(self, trainer: pl.Trainer, pl_module: pl.LightningModule, unload: bool) -> None:
         """Write the adapter, merge (and unload), write the merged model; rank zero writes."""
         target = self._target(pl_module)
-        if not lora_layers(target):
+        if not adapted_modules(target):
             return
         writes = self.export_dir is not None and trainer.is_global_zero
         tokenizer = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)

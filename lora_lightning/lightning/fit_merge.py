@@ -19,7 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from lora_lightning.config import LoRAConfig
-from lora_lightning.inject import inject_lora, lora_layers, replace_submodule
+from lora_lightning.inject import adapted_modules, inject_lora, replace_submodule
+from lora_lightning.kinds.experts import DOWN, GATED_UP, PLAIN_UP, ROUTER_PARAMETER, is_expert_bank, is_router
+from lora_lightning.nn.experts import is_lora_bank
 from lora_lightning.lightning.checkpoint_record import base_fingerprint, compare_fingerprints
 from lora_lightning.nn.layers import adaptable_kind
 
@@ -32,10 +34,16 @@ def _stored_weights(model: nn.Module, names: Iterable[str]) -> list[tuple[str, T
             module = model.get_submodule(name)
         except AttributeError:
             return None
+        if is_lora_bank(module):
+            module = module.base_layer
         kind = adaptable_kind(module)
-        if kind is None:
+        if kind is not None:
+            found.append((name, kind.stored_weight(module)))
+        elif is_expert_bank(module) or is_router(module):
+            own = dict(module.named_parameters(recurse=False))
+            found += [(f"{name}.{p}", own[p]) for p in (GATED_UP, PLAIN_UP, DOWN, ROUTER_PARAMETER) if p in own]
+        else:
             return None
-        found.append((name, kind.stored_weight(module)))
     return found
 
 
@@ -52,7 +60,11 @@ class _Layer:
 def snapshot_merged(model: nn.Module) -> dict[str, _Layer]:
     """Copies of every merged adapter layer's own tensors (small), taken after the merge, before the unload."""
     snapshot = {}
-    for name, layer in lora_layers(model).items():
+    for name, layer in adapted_modules(model).items():
+        if is_lora_bank(layer):
+            tensors = {key: value.detach().clone() for key, value in layer.named_parameters() if key.startswith("lora_")}
+            snapshot[name] = _Layer(tensors, {}, None)
+            continue
         tensors = {role.attr: getattr(layer, role.attr).detach().clone() for role in layer.variant.roles}
         buffers = {key: value.detach().clone() for key, value in layer.named_buffers(recurse=False)}
         snapshot[name] = _Layer(tensors, buffers, layer._premerge_base)
@@ -93,12 +105,12 @@ class MergedAdapters:
             if saved.quantized is not None:
                 replace_submodule(model, name, saved.quantized)  # the quantized layer as it was before the merge
         inject_lora(model, config, initialize=False)
-        layers = lora_layers(model)
+        layers = adapted_modules(model)
         restored = set()
         for name, saved in self.layers.items():
             layer = layers[name]
             for attr, tensor in saved.tensors.items():
-                getattr(layer, attr).copy_(tensor)
+                layer.get_parameter(attr).copy_(tensor)
             for key, tensor in saved.buffers.items():
                 layer.register_buffer(key, tensor, persistent=False)
             if saved.quantized is None:

@@ -139,7 +139,10 @@ CONFIG_ERRORS = {
     "corda": ({"init_lora_weights": "corda"}, r"init_lora_weights='corda' is not supported"),
     "dora-without-magnitudes": ({"use_dora": True}, r"missing key .*q_proj\.lora_magnitude_vector'"),
     "layer-replication": ({"layer_replication": [[0, 2]]}, r"layer_replication=\[\[0, 2\]\] is not supported"),
-    "target-parameters": ({"target_parameters": ["mlp.experts"]}, r"target_parameters=\['mlp.experts'\]"),
+    "target-parameters-without-experts": (
+        {"target_parameters": ["mlp.experts"]},
+        r"target_parameters entry \['mlp.experts'\] matched no fused expert parameter; this model has no fused experts",
+    ),
     "lora-bias": ({"lora_bias": True}, r"lora_bias=True is not supported"),
     "trainable-tokens": ({"trainable_token_indices": [1, 2]}, r"trainable_token_indices=\[1, 2\]"),
     "unknown-field": ({"use_future_trick": "yes"}, r"unknown field use_future_trick='yes'"),

@@ -60,6 +60,12 @@ class BankTarget:
         return [f"{self.name}.{p}" for p in self.projections]
 
 
+def _is_linear_router(module: nn.Module) -> bool:
+    """A router that is an ``nn.Linear`` (Llama 4's ``Llama4Router``): all-linear leaves it, as the bare ones."""
+    base = module.base_layer if is_lora_layer(module) else module
+    return type(base).__name__.endswith(("Router", "TopKRouter", "TopkRouter"))
+
+
 def _is_router(module: nn.Module) -> bool:
     return adaptable_kind(module) is None and is_router(module)
 
@@ -246,7 +252,7 @@ def plan_adapters(model: nn.Module, config: LoRAConfig) -> tuple[list[tuple[str,
     banks = _bank_targets(candidates, config)
     if config.is_all_linear:
         heads = _output_head_names(model, candidates)
-        by_name = [(n, m) for n, m in candidates if _is_linear(m) and n not in heads]
+        by_name = [(n, m) for n, m in candidates if _is_linear(m) and n not in heads and not _is_linear_router(m)]
     else:
         claimed = {b.name for b in banks}
         by_name = [(n, m) for n, m in candidates if config.matches_name(n) and n not in claimed]

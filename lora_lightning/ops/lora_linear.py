@@ -162,7 +162,10 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.factor_dtypes = (lora_A.dtype, lora_B.dtype)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.x_dtype = x.dtype
-        return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
+        ctx.lead_shape = x.shape[:-1]
+        # (N, out), not a view: a caller may modify the output in place (Llama 4's MoE adds into its
+        # shared expert's output), which autograd forbids on a view made inside a Function.
+        return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
@@ -185,9 +188,9 @@ class LoRALinearFunction(torch.autograd.Function):
             del dense
             if not ctx.has_x_lora:
                 dx.addmm_(gB, A, alpha=scale)  # + scale * (g B) A, fused into the epilogue
-            dx = dx.to(x_dtype).view(*grad_out.shape[:-1], dx.shape[-1])
+            dx = dx.to(x_dtype).view(*ctx.lead_shape, dx.shape[-1])
         if need_xl:
-            dxl = _scaled(torch.mm(gB, A), scale).to(x_dtype).view(*grad_out.shape[:-1], A.shape[-1])
+            dxl = _scaled(torch.mm(gB, A), scale).to(x_dtype).view(*ctx.lead_shape, A.shape[-1])
         if need_w:
             dw = (g.t() @ x2.to(work)).to(weight.dtype)  # (out, in)
         if need_b:
@@ -225,7 +228,8 @@ def lora_linear(
     Returns:
         ``(*, out)`` in ``x.dtype``.
     """
-    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, x_lora)
+    out = LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, x_lora)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def fused_lora_linear(x: Tensor, terms: Terms, x_lora: Tensor | None = None) -> Tensor:

@@ -35,3 +35,12 @@ def scale_of(config, name: str) -> float:
     from lora_lightning.nn.layers import lora_scale
 
     return lora_scale(config.rank_for(name), config.alpha_for(name), config.use_rslora)
+
+
+def assert_near(actual: Tensor, expected: Tensor, rel: float = 1e-5) -> None:
+    """Every element within ``rel`` of the reference's largest magnitude (float32 sums against
+    float64 or against another library's float32 order: elementwise rtol fails on near-zero entries)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    error = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item()
+    assert error <= rel * scale, f"max error {error:.3g} over a largest magnitude of {scale:.3g} (rel {rel})"

@@ -1,0 +1,137 @@
+"""Expert-bank adapters on disk: PEFT's target_parameters layout both ways, and the merged export."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from lora_lightning import LoRAConfig, export_merged, inject_lora, load_adapter, save_adapter
+from lora_lightning.inject import lora_banks
+from tests.models import token_ids
+from tests.moe_models import tiny_deepseek_v3, tiny_gpt_oss, tiny_mixtral, tiny_qwen3_moe
+from tests.peft_reference import bank_factors_as_peft
+
+ATOL = 1e-5
+
+
+def _adapted(base: torch.nn.Module, config: LoRAConfig, seed: int = 11) -> torch.nn.Module:
+    model = copy.deepcopy(base)
+    inject_lora(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return model.eval()
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=token_ids(2, 12)).logits
+
+
+@pytest.mark.parametrize(
+    ("build", "config"),
+    [
+        (tiny_mixtral, LoRAConfig(r=4, alpha=8, target_parameters=["gate.weight"])),  # + the routers
+        (tiny_qwen3_moe, LoRAConfig(r=4, alpha=8, rank_pattern={"down_proj": 8})),
+        (tiny_gpt_oss, LoRAConfig(r=4, alpha=8, use_rslora=True)),
+    ],
+    ids=["mixtral+router", "qwen3_moe+rank_pattern", "gpt_oss+rslora"],
+)
+def test_peft_loads_our_bank_adapter_and_computes_our_logits(build, config: LoRAConfig, tmp_path: Path) -> None:
+    base = build()
+    ours = _adapted(base, config)
+    expected = _logits(ours)
+    directory = save_adapter(ours, tmp_path / "adapter")
+    data = json.loads((directory / "adapter_config.json").read_text())
+    assert data["target_parameters"] and all(".experts." in p or p.endswith(".weight") for p in data["target_parameters"])
+    tensors = safetensors.torch.load_file(directory / "adapter_model.safetensors")
+    bank = lora_banks(ours)["model.layers.0.mlp.experts"]
+    # PEFT's layout: the first declared parameter's wrapper is the inner one (.base_layer)
+    inner = "base_model.model.model.layers.0.mlp.experts.base_layer"
+    A, B = bank_factors_as_peft(bank, "gate_up_proj")
+    torch.testing.assert_close(tensors[f"{inner}.lora_A.weight"], A, rtol=0, atol=0)
+    torch.testing.assert_close(tensors[f"{inner}.lora_B.weight"], B, rtol=0, atol=0)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), directory).eval()
+    torch.testing.assert_close(_logits(peft_model), expected, rtol=0, atol=ATOL)
+
+
+def test_we_load_peft_all_linear_on_mixtral_with_its_rank_conversion_and_router(tmp_path: Path) -> None:
+    """PEFT's all-linear on a transformers 5 Mixtral adapts the router and gives gate_up_proj rank 2r
+    (its v4 w1 + w3 fused): the file says so in target_parameters and rank_pattern, and we follow it."""
+    base = tiny_mixtral()
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    peft_model.eval()
+    expected = _logits(peft_model)
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = copy.deepcopy(base)
+    report = load_adapter(model, tmp_path / "peft")
+    ranks = {m.name: m.r for m in report.modules}
+    assert ranks["model.layers.0.mlp.experts.gate_up_proj"] == 8 and ranks["model.layers.0.mlp.gate.weight"] == 4
+    torch.testing.assert_close(_logits(model), expected, rtol=0, atol=ATOL)
+
+
+def test_we_load_a_peft_target_parameters_adapter_on_gpt_oss(tmp_path: Path) -> None:
+    base = tiny_gpt_oss()
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj"], target_parameters=["experts.down_proj"])
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    peft_model.eval()
+    expected = _logits(peft_model)
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = copy.deepcopy(base)
+    report = load_adapter(model, tmp_path / "peft")
+    assert {m.name.rsplit(".", 1)[-1] for m in report.modules} == {"q_proj", "down_proj"}
+    torch.testing.assert_close(_logits(model), expected, rtol=0, atol=ATOL)
+
+
+def test_our_round_trip_on_deepseek_v3_dense_shared_and_routed(tmp_path: Path) -> None:
+    base = tiny_deepseek_v3()
+    ours = _adapted(base, LoRAConfig(r=4, alpha=8))
+    expected = _logits(ours)
+    directory = save_adapter(ours, tmp_path / "adapter")
+    model = copy.deepcopy(base)
+    report = load_adapter(model, directory, trainable=True)
+    assert "model.layers.0.mlp.gate_proj" in {m.name for m in report.modules}
+    torch.testing.assert_close(_logits(model), expected, rtol=0, atol=0)
+    assert all(B.requires_grad for bank in lora_banks(model).values() for B in bank.lora_B.values())
+
+
+def test_a_bank_factor_of_the_wrong_rank_is_refused_naming_the_key(tmp_path: Path) -> None:
+    base = tiny_qwen3_moe()
+    directory = save_adapter(_adapted(base, LoRAConfig(r=4, target_modules=["experts"])), tmp_path / "adapter")
+    data = json.loads((directory / "adapter_config.json").read_text())
+    data["r"] = 8
+    (directory / "adapter_config.json").write_text(json.dumps(data))
+    model = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    key = "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"
+    with pytest.raises(ValueError, match=rf"shape mismatch at '{key}': got \(32, 64\).*needs \(64, 64\)"):
+        load_adapter(model, directory)
+    assert not lora_banks(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_export_merged_loads_in_plain_transformers(tmp_path: Path) -> None:
+    base = tiny_qwen3_moe()
+    ours = _adapted(base, LoRAConfig(r=4, alpha=8))
+    expected = _logits(ours)
+    directory = export_merged(ours, tmp_path / "merged")
+    assert lora_banks(ours), "the export merged a copy; the adapted model stays adapted"
+    plain = AutoModelForCausalLM.from_pretrained(directory).eval()
+    assert type(plain.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
+    torch.testing.assert_close(_logits(plain), expected, rtol=0, atol=ATOL)

@@ -1,0 +1,68 @@
+"""The callback on a Mixture-of-Experts model: experts adapted, adapter-only checkpoints, exact resume, merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lora_lightning import LoRACallback
+from lora_lightning.inject import lora_banks
+from tests.lightning.test_callback import _trainer
+from tests.lightning_modules import CausalLM, token_data
+from tests.moe_models import tiny_qwen3_moe
+
+
+class MoECausalLM(CausalLM):
+    """The same user module over a tiny Qwen3-MoE."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed=seed)
+        self.model = tiny_qwen3_moe(seed=seed).train()
+
+
+def _fit(tmp_path: Path, epochs: int, resume: str | None = None) -> tuple[MoECausalLM, ModelCheckpoint, LoRACallback]:
+    module = MoECausalLM()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+    callback = LoRACallback(r=4, alpha=8, module="model", merge_on_fit_end=False)
+    trainer = _trainer(tmp_path, [callback, checkpoint], max_epochs=epochs, enable_checkpointing=True)
+    trainer.fit(module, token_data(n=16), ckpt_path=resume)
+    return module, checkpoint, callback
+
+
+def _bank_state(module: MoECausalLM) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.model.state_dict().items() if "lora_" in k}
+
+
+def test_the_experts_train_checkpoint_adapter_only_and_resume_bit_for_bit(tmp_path: Path) -> None:
+    full, _, callback = _fit(tmp_path / "full", epochs=2)
+    assert lora_banks(full.model) and any(m.kind == "Experts" for m in callback.report.modules)
+    trained = _bank_state(full)
+    assert any("experts.lora_B.gate_up_proj" in k and v.abs().sum() > 0 for k, v in trained.items())
+
+    _, checkpoint, _ = _fit(tmp_path / "first", epochs=1)
+    first = sorted(Path(checkpoint.dirpath).glob("*.ckpt"))[0]
+    content = torch.load(first, weights_only=True)
+    keys = set(content["state_dict"])
+    assert keys and all(".lora_A" in k or ".lora_B" in k for k in keys)
+    assert "model.model.layers.0.mlp.experts.lora_B.down_proj" in keys
+
+    resumed, _, _ = _fit(tmp_path / "first", epochs=2, resume=str(first))
+    after = _bank_state(resumed)
+    assert after.keys() == trained.keys()
+    assert all(torch.equal(after[k], trained[k]) for k in trained), "resume is bit-exact"
+    assert resumed.losses == full.losses[len(full.losses) - len(resumed.losses) :]
+
+
+def test_fit_end_merges_the_banks_back_into_the_models_experts(tmp_path: Path) -> None:
+    module = MoECausalLM()
+    ids = token_data(n=8).dataset.tensors[0][:2]
+    trainer = _trainer(tmp_path, [LoRACallback(r=4, alpha=8, module="model")], max_epochs=1)
+    trainer.fit(module, token_data(n=16))
+    assert not lora_banks(module.model)
+    assert type(module.model.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
+    with torch.no_grad():
+        moved = module.model(input_ids=ids).logits
+        untrained = tiny_qwen3_moe()(input_ids=ids).logits
+    assert not torch.allclose(moved, untrained), "the merged experts carry what training changed"

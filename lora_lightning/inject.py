@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from lora_lightning.config import LoRAConfig
+from lora_lightning.kinds import logical_numel
+from lora_lightning.kinds.experts import is_expert_bank
 from lora_lightning.nn.experts import LoRAExperts, LoRARouter, ParameterAdapter, is_lora_bank
 from lora_lightning.nn.layers import LoRAEmbedding, LoRALayer, LoRALinear, adaptable_kind, is_lora_layer
 from lora_lightning.nn.variant_table import variant_for
@@ -50,7 +52,9 @@ def bank_ranks(config: LoRAConfig, bank: BankTarget) -> dict[str, tuple[int, flo
     ranks = {}
     for projection, name in zip(bank.projections, bank.parameter_names(), strict=True):
         r = config.rank_for(name) if config.has_pattern(config.rank_pattern, name) else config.rank_for(bank.name)
-        alpha = config.alpha_for(name) if config.has_pattern(config.alpha_pattern, name) else config.alpha_for(bank.name)
+        alpha = (
+            config.alpha_for(name) if config.has_pattern(config.alpha_pattern, name) else config.alpha_for(bank.name)
+        )
         ranks[projection] = (r, alpha)
     return ranks
 
@@ -141,7 +145,27 @@ def lora_report(model: nn.Module, config: LoRAConfig | None = None) -> LoRARepor
             for p in bank.projections
         ]
     saved = [name for name, _ in modules_to_save(model, config)]
-    return LoRAReport(config=config, modules=modules, modules_to_save=saved, params=parameter_summary(model))
+    experts, adapted = expert_parameter_counts(model)
+    return LoRAReport(
+        config=config,
+        modules=modules,
+        modules_to_save=saved,
+        params=parameter_summary(model),
+        expert_params=experts,
+        adapted_expert_params=adapted,
+    )
+
+
+def expert_parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """Base parameters in fused expert banks, and those of them in banks that carry adapters."""
+    wrapped = {id(m.base_layer) for m in model.modules() if isinstance(m, LoRAExperts)}
+    total = adapted = 0
+    for module in model.modules():
+        if is_expert_bank(module):
+            count = sum(logical_numel(p) for p in module.parameters(recurse=False))
+            total += count
+            adapted += count if id(module) in wrapped else 0
+    return total, adapted
 
 
 def inject_lora(model: nn.Module, config: LoRAConfig, *, initialize: bool = True) -> LoRAReport:

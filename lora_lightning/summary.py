@@ -61,6 +61,10 @@ class LoRAReport:
     modules: list[AdaptedModule]
     modules_to_save: list[str]
     params: ParameterSummary
+    expert_params: int = 0
+    """Base parameters held in fused expert banks (a Mixture-of-Experts model), adapted or not."""
+    adapted_expert_params: int = 0
+    """Of those, the ones in banks that carry adapters."""
 
     @property
     def adapter_params(self) -> int:
@@ -103,12 +107,17 @@ class LoRAReport:
         }
 
     def metrics(self) -> dict[str, float]:
-        """The counts a logger records: ``lora/trainable_params``, ``lora/total_params``, ``lora/trainable_percent``."""
-        return {
+        """The counts a logger records: ``lora/trainable_params``, ``lora/total_params``, ``lora/trainable_percent``
+        (and ``lora/expert_params``, ``lora/adapted_expert_params`` on a Mixture-of-Experts model)."""
+        metrics = {
             "lora/trainable_params": float(self.params.trainable),
             "lora/total_params": float(self.params.total),
             "lora/trainable_percent": self.params.trainable_percent,
         }
+        if self.expert_params:
+            metrics["lora/expert_params"] = float(self.expert_params)
+            metrics["lora/adapted_expert_params"] = float(self.adapted_expert_params)
+        return metrics
 
 
 def parameter_summary(model: nn.Module) -> ParameterSummary:

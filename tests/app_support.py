@@ -39,6 +39,19 @@ TINY_GPT2 = [
     "model.pretrain.block_size=64",
     "model.pretrain.warmup_steps=2",
 ]
+TINY_MOE = [
+    "model=tiny_moe",
+    "model.architecture.hidden_size=64",
+    "model.architecture.moe_intermediate_size=64",
+    "model.architecture.num_hidden_layers=2",
+    "model.architecture.head_dim=16",
+    "model.architecture.max_position_embeddings=128",
+    "model.tokenizer.vocab_size=512",
+    "model.pretrain.steps=15",
+    "model.pretrain.batch_size=8",
+    "model.pretrain.block_size=64",
+    "model.pretrain.warmup_steps=2",
+]
 # Little data, few steps, CPU: a job in seconds.
 SHORT = [
     "data.block_size=64",
@@ -198,3 +211,22 @@ def read_offline_run(run_dir: Path) -> dict[str, Any]:
 
 def offline_runs(output_dir: Path) -> list[Path]:
     return sorted((output_dir / "wandb").glob("offline-run-*"))
+
+
+def compose_job(overrides: list[str], output_dir: Path) -> Any:
+    """The config hydra.main would hand the job, plus the runtime fields a launch fills in (in-process runs)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    from lora_lightning.app.cli import config_dir
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    output_dir.mkdir(parents=True)
+    return OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])

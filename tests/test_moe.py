@@ -81,7 +81,10 @@ def test_explicit_forms_select_the_bank_or_one_projection() -> None:
     only_down = inject_lora(
         copy.deepcopy(model), LoRAConfig(r=4, target_modules=[], target_parameters=["experts.down_proj"])
     )
-    assert [m.name for m in only_down.modules] == ["model.layers.0.mlp.experts.down_proj", "model.layers.1.mlp.experts.down_proj"]
+    assert [m.name for m in only_down.modules] == [
+        "model.layers.0.mlp.experts.down_proj",
+        "model.layers.1.mlp.experts.down_proj",
+    ]
     patterned = inject_lora(
         copy.deepcopy(model),
         LoRAConfig(r=4, rank_pattern={"gate_up_proj": 8}, alpha_pattern={"layers.1.mlp.experts": 2.0}),

@@ -58,7 +58,10 @@ class Layout:
 
 
 def _looks_like_bank(module: nn.Module) -> bool:
-    """A module holding a 3-D ``down_proj`` parameter beside a 3-D up projection: fused experts."""
+    """A module holding a 3-D ``down_proj`` parameter beside a 3-D up projection: fused experts
+    (not an adapter's own ``ParameterDict`` of factors, which is keyed the same way)."""
+    if isinstance(module, nn.ParameterDict):
+        return False
     params = dict(module.named_parameters(recurse=False))
     down = params.get(DOWN)
     up = params.get(GATED_UP, params.get(PLAIN_UP))

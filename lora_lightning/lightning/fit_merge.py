@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from lora_lightning.config import LoRAConfig
 from lora_lightning.inject import adapted_modules, inject_lora, replace_submodule
 from lora_lightning.kinds.experts import DOWN, GATED_UP, PLAIN_UP, ROUTER_PARAMETER, is_expert_bank, is_router
-from lora_lightning.nn.experts import is_lora_bank
 from lora_lightning.lightning.checkpoint_record import base_fingerprint, compare_fingerprints
+from lora_lightning.nn.experts import is_lora_bank
 from lora_lightning.nn.layers import adaptable_kind
 
 
@@ -62,7 +62,9 @@ def snapshot_merged(model: nn.Module) -> dict[str, _Layer]:
     snapshot = {}
     for name, layer in adapted_modules(model).items():
         if is_lora_bank(layer):
-            tensors = {key: value.detach().clone() for key, value in layer.named_parameters() if key.startswith("lora_")}
+            tensors = {
+                key: value.detach().clone() for key, value in layer.named_parameters() if key.startswith("lora_")
+            }
             snapshot[name] = _Layer(tensors, {}, None)
             continue
         tensors = {role.attr: getattr(layer, role.attr).detach().clone() for role in layer.variant.roles}

@@ -237,7 +237,6 @@ class LoRAExperts(ParameterAdapter):
         return self._expert_mlp(hidden_states, offsets, counts, None)
 
 
-
 class LoRARouter(ParameterAdapter):
     """LoRA on a MoE router's bare ``weight`` (``*TopKRouter``): the router runs its own forward with
     ``W + scale * B A`` in place of ``W`` (the router is ``E x H``, so forming it costs little), so its

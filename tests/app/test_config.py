@@ -20,14 +20,14 @@ from lora_lightning.app.errors import UsageError
 from lora_lightning.app.models.loading import ROLES, LoadedModel
 from lora_lightning.app.run.job import lora_config_from
 from lora_lightning.app.run.tracking import build_logger
-from lora_lightning.targets import plan_targets
-from tests.app_support import REPO, TINY_GPT2, TINY_LLAMA
+from lora_lightning.targets import plan_adapters
+from tests.app_support import REPO, TINY_GPT2, TINY_LLAMA, TINY_MOE
 from tests.reference import scale_of
 
 CONF = config_dir()
 GROUPS = ("model", "rank", "targets", "quant", "data", "trainer", "logger", "method", "experiment")
 LAUNCHERS = ("basic", "joblib", "submitit_local", "submitit_slurm")
-SHRINK = {"tiny_llama": TINY_LLAMA, "tiny_gpt2": TINY_GPT2[1:]}
+SHRINK = {"tiny_llama": TINY_LLAMA, "tiny_gpt2": TINY_GPT2[1:], "tiny_moe": TINY_MOE[1:]}
 
 
 def options(group: str) -> list[str]:
@@ -55,7 +55,7 @@ def llama(cache_dir: Path) -> LoadedModel:
 def test_the_config_dir_is_the_checkout_or_the_package() -> None:
     assert (CONF / "config.yaml").is_file()
     assert {p.name for p in CONF.iterdir() if p.is_dir()} >= set(GROUPS)
-    assert options("model") == ["hf", "tiny_gpt2", "tiny_llama"]
+    assert options("model") == ["hf", "tiny_gpt2", "tiny_llama", "tiny_moe"]
     assert options("rank") == ["r16", "r32", "r4", "r64", "r8"]
     assert options("targets") == sorted(ROLES)
     assert options("data") == [
@@ -88,12 +88,16 @@ def test_model_options_instantiate_and_map_every_role(
     )
     assert loaded.tokenizer.eos_token_id is not None
     assert loaded.model.config.vocab_size == len(loaded.tokenizer)
-    kinds = {"tiny_gpt2": "Conv1D"}.get(name, "Linear")
+    kinds = {"tiny_gpt2": {"Conv1D"}, "tiny_moe": {"Linear", "Qwen3MoeExperts"}}.get(name, {"Linear"})
     counts = {}
     for role in ROLES:  # every role resolves to modules that exist in this model
         cfg = _compose([f"model={name}", *extra, f"targets={role}"])
-        planned = plan_targets(loaded.model, lora_config_from(cfg))
-        assert planned and {type(module).__name__ for _, module in planned} == {kinds}
+        linears, banks = plan_adapters(loaded.model, lora_config_from(cfg))
+        planned = linears + [(bank.name, bank.module) for bank in banks]
+        types = {type(module).__name__ for _, module in planned}
+        assert planned and types <= kinds and (role not in ("mlp", "all_linear") or types & kinds == types)
+        if name == "tiny_moe" and role in ("mlp", "all_linear"):
+            assert banks and all(bank.projections == ("gate_up_proj", "down_proj") for bank in banks)
         counts[role] = len(planned)
     assert counts["qv"] <= counts["attention"] < counts["all_linear"]
     assert counts["mlp"] < counts["all_linear"]

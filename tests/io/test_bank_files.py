@@ -52,7 +52,9 @@ def test_peft_loads_our_bank_adapter_and_computes_our_logits(build, config: LoRA
     expected = _logits(ours)
     directory = save_adapter(ours, tmp_path / "adapter")
     data = json.loads((directory / "adapter_config.json").read_text())
-    assert data["target_parameters"] and all(".experts." in p or p.endswith(".weight") for p in data["target_parameters"])
+    assert data["target_parameters"] and all(
+        ".experts." in p or p.endswith(".weight") for p in data["target_parameters"]
+    )
     tensors = safetensors.torch.load_file(directory / "adapter_model.safetensors")
     bank = lora_banks(ours)["model.layers.0.mlp.experts"]
     # PEFT's layout: the first declared parameter's wrapper is the inner one (.base_layer)

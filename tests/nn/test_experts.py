@@ -9,6 +9,7 @@ from torch import nn
 from lora_lightning import LoRAConfig, inject_lora
 from lora_lightning.inject import lora_banks
 from lora_lightning.nn.experts import LoRAExperts
+from tests.models import token_ids
 from tests.moe_models import (
     MODELS,
     NormedExperts,
@@ -21,7 +22,6 @@ from tests.moe_models import (
     tiny_mixtral,
     tiny_qwen3_moe,
 )
-from tests.models import token_ids
 from tests.reference import assert_near
 
 
@@ -167,9 +167,10 @@ def test_merge_then_unmerge_restores_the_bank_and_merged_forward_matches() -> No
     # every expert's weight is the float64 formula rounded once
     for p in adapter.projections:
         for e in range(adapter.num_experts):
-            exact = original[p][e].double() + (
-                adapter.lora_B[p][e].double() @ adapter.lora_A[p][e].double() * adapter.scale[p]
-            ).t()
+            exact = (
+                original[p][e].double()
+                + (adapter.lora_B[p][e].double() @ adapter.lora_A[p][e].double() * adapter.scale[p]).t()
+            )
             torch.testing.assert_close(bank.get_parameter(p)[e].double(), exact, rtol=0, atol=1e-7)
     adapter.unmerge()
     for key, value in bank.state_dict().items():

@@ -93,8 +93,12 @@ class Method:
 
     def params(self) -> dict[str, Any]:
         """Trainable and total parameter counts after the fit started."""
+        experts = {}
         if isinstance(self.callback, LoRACallback):
-            counts, adapted = self.callback.report.params, len(self.callback.report.modules)
+            report = self.callback.report
+            counts, adapted = report.params, len(report.modules)
+            if report.expert_params:
+                experts = {"expert_params": report.expert_params, "adapted_expert_params": report.adapted_expert_params}
         else:
             counts, adapted = self.callback.params, 0
         return {
@@ -102,6 +106,7 @@ class Method:
             "total": counts.total,
             "trainable_percent": round(counts.trainable_percent, 4),
             "adapted_modules": adapted,
+            **experts,
         }
 
     def export_paths(self) -> dict[str, Path]:

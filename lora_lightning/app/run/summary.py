@@ -132,6 +132,15 @@ def print_recap(summary: JobSummary) -> None:
     if counts:
         share = f"{counts['trainable']:,d} of {counts['total']:,d} params ({counts['trainable_percent']:.3f}%)"
         rows.append(("trainable", share))
+    if counts.get("expert_params"):
+        experts, adapted = counts["expert_params"], counts.get("adapted_expert_params", 0)
+        rows.append(
+            (
+                "experts",
+                f"{experts:,d} params ({100 * experts / counts['total']:.1f}% of the model) in expert banks, "
+                f"{100 * adapted / experts:.0f}% of them adapted",
+            )
+        )
     if full:
         rows.append(("method", "full fine-tuning (every weight trains)"))
     else:

@@ -9,20 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora_lightning.app.cli import config_dir
 from lora_lightning.app.models.tiny_base import MANIFEST
 from tests.app_support import (
     SHORT,
     TINY_GPT2,
     TINY_LLAMA,
     app_env,
+    compose_job,
     offline_runs,
     read_offline_run,
     read_summary,
@@ -172,17 +168,7 @@ def test_default_job_wandb_offline_run(default_job: Path) -> None:
     assert sorted(artifact["files"]) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
-def _compose(overrides: list[str], output_dir: Path) -> DictConfig:
-    """The config hydra.main would hand the job, plus the runtime fields a launch fills in."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-    HydraConfig.instance().set_config(cfg)
-    output_dir.mkdir(parents=True)
-    job = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
-    return job
+_compose = compose_job
 
 
 def test_tiny_gpt2_job_in_process(cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

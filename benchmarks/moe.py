@@ -1,0 +1,300 @@
+"""LoRA on a Mixture-of-Experts model's fused expert banks: step time and memory against PEFT and the frozen floor.
+
+A Qwen3-MoE (transformers 5: experts as 3-D ``gate_up_proj`` / ``down_proj`` parameters) in float32,
+r=16, alpha=16, one training step (forward + backward + AdamW over the adapters) per call, each
+variant in a process of its own:
+
+    floor       every weight frozen, the input embeddings require grad: backward runs through every
+                layer (the model's own grouped_mm experts), no weight gradient, no optimizer
+    ours        lora-lightning, target_modules="all-linear": attention and every expert's gate_up /
+                down projection at rank 16 (LoRAExperts: two extra grouped GEMMs of rank r per
+                projection, W + s B A never formed)
+    peft        HF PEFT 0.21, target_modules="all-linear": on transformers 5 it rewrites that into
+                target_parameters (experts and router), gate_up_proj at rank 2r (its v4 w1 + w3);
+                each ParamWrapper forms W + s B A for every expert every forward
+    peft_same   HF PEFT with exactly our targets and ranks (target_parameters for the experts)
+
+Per variant: the median step after one warm-up step, what the steps add to the resident set
+(``VmHWM`` reset after the warm-up, minus the resident set then) and the bytes autograd saves for
+backward in one forward (tensors that are not parameters, each storage once). A check runs ours
+and PEFT with the same factors (``peft_same``) and compares logits and every adapter gradient.
+
+    python benchmarks/moe.py                         # (a) tiny and (b) Qwen3-30B-A3B widths, 1 thread
+    python benchmarks/moe.py --sizes tiny --steps 5
+
+Targets (issue 22), at (b): ours' step <= 1.15x the floor's and <= 0.7x PEFT's; the memory ours adds
+over the floor <= 0.25x what PEFT adds; ours equals PEFT to 1e-5 (fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import shapes
+
+RANK = 16
+SIZES = {
+    # (a) the issue's tiny Qwen3-MoE
+    "tiny": {
+        "hidden_size": 256, "moe_intermediate_size": 512, "num_experts": 8, "num_experts_per_tok": 2,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+        "batch": 2, "seq": 128,
+    },
+    # (b) Qwen3-30B-A3B's widths with 2 of its 48 layers (vocabulary shrunk: the head is not what is measured)
+    "30b-a3b": {
+        "hidden_size": 2048, "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+        "num_hidden_layers": 2, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+        "batch": 1, "seq": 512,
+    },
+}  # fmt: skip
+VOCAB = 8192
+VARIANTS = ("floor", "ours", "peft", "peft_same")
+
+
+def build(size: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    spec = dict(SIZES[size])
+    batch, seq = spec.pop("batch"), spec.pop("seq")
+    config = Qwen3MoeConfig(vocab_size=VOCAB, intermediate_size=4 * spec["hidden_size"], **spec)
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(config).train()
+    with torch.no_grad():
+        for module in model.modules():  # routers drawn wider than the init, so tokens spread over experts
+            if type(module).__name__.endswith("TopKRouter"):
+                module.weight.normal_(0, 0.5)
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
+    return model, ids
+
+
+def adapt(variant: str, model: torch.nn.Module, twin_of: torch.nn.Module | None = None) -> torch.nn.Module:
+    """``variant`` made of a freshly built model (``twin_of``: ours, whose factors peft_same copies)."""
+    if variant == "floor":
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+        return model
+    if variant == "ours":
+        from lora_lightning import LoRAConfig, inject_lora
+
+        inject_lora(model, LoRAConfig(r=RANK, alpha=RANK))
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    if variant == "peft":
+        return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=RANK, target_modules="all-linear"))
+    from lora_lightning.inject import lora_banks, lora_layers
+
+    reference = twin_of
+    if reference is None:
+        reference = adapt("ours", copy.deepcopy(model))
+    linears = sorted(lora_layers(reference))
+    parameters = sorted(f"{n}.{p}" for n, b in lora_banks(reference).items() for p in b.projections)
+    config = LoraConfig(r=RANK, lora_alpha=RANK, target_modules=linears, target_parameters=parameters)
+    peft_model = get_peft_model(model, config)
+    if twin_of is not None:
+        copy_factors(twin_of, peft_model)
+    return peft_model
+
+
+@torch.no_grad()
+def copy_factors(ours: torch.nn.Module, peft_model: torch.nn.Module) -> None:
+    """Our factors into PEFT's layout: A ``(E, r, in)`` -> ``(r*E, in)``, B ``(E, out, r)`` -> ``(out, r*E)``."""
+    from lora_lightning.inject import lora_banks, lora_layers
+
+    inner = peft_model.base_model.model
+    for name, layer in lora_layers(ours).items():
+        twin = inner.get_submodule(name)
+        twin.lora_A["default"].weight.copy_(layer.lora_A)
+        twin.lora_B["default"].weight.copy_(layer.lora_B)
+    for name, bank in lora_banks(ours).items():
+        module = inner.get_submodule(name)
+        while hasattr(module, "parameter_name"):
+            A, B = bank.lora_A[module.parameter_name], bank.lora_B[module.parameter_name]
+            experts, rank = A.shape[:2]
+            module.lora_A["default"].weight.copy_(A.reshape(experts * rank, -1))
+            module.lora_B["default"].weight.copy_(B.permute(1, 2, 0).reshape(B.shape[1], rank * experts))
+            module = module.base_layer
+
+
+def saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward in one forward: saved tensors that are not parameters, each storage once."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    del loss
+    return sum(seen.values())
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as refs:  # Linux: VmHWM starts again from VmRSS
+        refs.write("5")
+
+
+def run_variant(variant: str, size: str, steps: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    model, ids = build(size)
+    model = adapt(variant, model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if variant != "floor" else None
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            model.zero_grad(set_to_none=True)
+
+    step()  # warm-up: optimizer state, allocator
+    saved = saved_bytes(model, ids)
+    before = shapes.rss_bytes()
+    _reset_peak()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {
+        "variant": variant,
+        "step_s": statistics.median(times),
+        "added_peak_mib": (shapes.peak_rss_bytes() - before) / 2**20,
+        "saved_mib": saved / 2**20,
+        "trainable": sum(p.numel() for p in trainable if variant != "floor"),
+    }
+
+
+def run_check(size: str, threads: int) -> dict:
+    """Ours and PEFT (our targets, our factors, B random) on the same base: logits and adapter gradients."""
+    torch.set_num_threads(threads)
+    base, ids = build(size)
+    ours = adapt("ours", copy.deepcopy(base))
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(2)
+        for name, param in ours.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
+    theirs = adapt("peft_same", base, twin_of=ours)
+    out, ref = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
+    (out.square().mean()).backward()
+    (ref.square().mean()).backward()
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+
+    from lora_lightning.inject import lora_banks
+
+    inner, worst = theirs.base_model.model, 0.0
+    for name, bank in lora_banks(ours).items():
+        module = inner.get_submodule(name)
+        while hasattr(module, "parameter_name"):
+            p = module.parameter_name
+            experts, rank = bank.lora_A[p].shape[:2]
+            gA = module.lora_A["default"].weight.grad.reshape(experts, rank, -1)
+            gB = module.lora_B["default"].weight.grad.reshape(-1, rank, experts).permute(2, 0, 1)
+            worst = max(worst, rel(bank.lora_A[p].grad, gA), rel(bank.lora_B[p].grad, gB))
+            module = module.base_layer
+    return {"logits_rel": rel(out, ref), "bank_grad_rel": worst}
+
+
+def _worker(args: list[str]) -> dict | None:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        print(f"{' '.join(args)}: FAILED\n{proc.stderr[-3000:]}")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="tiny,30b-a3b")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--check-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        variant, size = args.worker.split(":")
+        print(json.dumps(run_variant(variant, size, args.steps, args.threads)))
+        return
+    if args.check_worker:
+        print(json.dumps(run_check(args.check_worker, args.threads)))
+        return
+    print(f"# benchmarks/moe.py --sizes {args.sizes} --steps {args.steps} --threads {args.threads}")
+    print(f"# {shapes.versions()} | load average before: {os.getloadavg()[0]:.2f}")
+    for size in args.sizes.split(","):
+        spec = SIZES[size]
+        rows = {}
+        for variant in args.variants.split(","):
+            common = ["--steps", str(args.steps), "--threads", str(args.threads)]
+            row = _worker(["--worker", f"{variant}:{size}", *common])
+            if row is not None:
+                rows[variant] = row
+        print(
+            f"== ({size}) Qwen3-MoE hidden {spec['hidden_size']}, moe_intermediate {spec['moe_intermediate_size']}, "
+            f"{spec['num_experts']} experts top-{spec['num_experts_per_tok']}, {spec['num_hidden_layers']} layers, "
+            f"{spec['batch']}x{spec['seq']} tokens, float32, r={RANK} =="
+        )
+        floor = rows.get("floor")
+        print(
+            f"{'variant':<10} {'step s':>8} {'x floor':>8} {'added peak MiB':>15} {'over floor':>11} "
+            f"{'saved MiB':>10} {'over floor':>11} {'trainable':>12}"
+        )
+        for name, row in rows.items():
+            x = row["step_s"] / floor["step_s"] if floor else float("nan")
+            peak_over = row["added_peak_mib"] - floor["added_peak_mib"] if floor else float("nan")
+            saved_over = row["saved_mib"] - floor["saved_mib"] if floor else float("nan")
+            print(
+                f"{name:<10} {row['step_s']:>8.3f} {x:>8.3f} {row['added_peak_mib']:>15.0f} {peak_over:>11.0f} "
+                f"{row['saved_mib']:>10.0f} {saved_over:>11.0f} {row['trainable']:>12,d}"
+            )
+        if floor and "ours" in rows and "peft" in rows:
+            ours, peft = rows["ours"], rows["peft"]
+            step_floor = ours["step_s"] / floor["step_s"]
+            step_peft = ours["step_s"] / peft["step_s"]
+            added = {k: rows[k]["added_peak_mib"] - floor["added_peak_mib"] for k in ("ours", "peft")}
+            saved = {k: rows[k]["saved_mib"] - floor["saved_mib"] for k in ("ours", "peft")}
+            mem_peak = added["ours"] / added["peft"] if added["peft"] > 0 else float("nan")
+            mem_saved = saved["ours"] / saved["peft"] if saved["peft"] > 0 else float("nan")
+            print("targets:")
+            print(f"  ours step / floor step                       {step_floor:.3f}  (<= 1.15)  {_ok(step_floor <= 1.15)}")
+            print(f"  ours step / PEFT step                        {step_peft:.3f}  (<= 0.70)  {_ok(step_peft <= 0.7)}")
+            print(f"  ours added peak / PEFT added peak (RSS)      {mem_peak:.3f}  (<= 0.25)  {_ok(mem_peak <= 0.25)}")
+            print(f"  ours added saved / PEFT added saved          {mem_saved:.3f}  (<= 0.25)  {_ok(mem_saved <= 0.25)}")
+        if not args.no_check:
+            check = _worker(["--check-worker", size, "--threads", str(args.threads)])
+            if check is not None:
+                worst = max(check.values())
+                print(
+                    f"check: ours vs PEFT (same factors): logits {check['logits_rel']:.2e}, bank gradients "
+                    f"{check['bank_grad_rel']:.2e} (max error / max magnitude; <= 1e-5)  {_ok(worst <= 1e-5)}"
+                )
+    print(f"# load average after: {os.getloadavg()[0]:.2f}")
+
+
+def _ok(flag: bool) -> str:
+    return "ok" if flag else "MISS"
+
+
+if __name__ == "__main__":
+    main()

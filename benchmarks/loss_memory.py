@@ -31,11 +31,6 @@ import shapes
 VARIANTS = {"model_loss": None, "chunked": 1024, "chunked_256": 256}
 
 
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as refs:  # Linux: VmHWM starts again from VmRSS
-        refs.write("5")
-
-
 def run_variant(variant: str, tokens: int, steps: int, threads: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -65,7 +60,7 @@ def run_variant(variant: str, tokens: int, steps: int, threads: int) -> dict:
 
     first = step()  # warm-up: optimizer state, allocator
     before = shapes.rss_bytes()
-    _reset_peak()
+    shapes.reset_peak_rss()
     times = []
     for _ in range(steps):
         start = time.perf_counter()

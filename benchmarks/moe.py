@@ -144,11 +144,6 @@ def saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as refs:  # Linux: VmHWM starts again from VmRSS
-        refs.write("5")
-
-
 def run_variant(variant: str, size: str, steps: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     model, ids = build(size)
@@ -167,7 +162,7 @@ def run_variant(variant: str, size: str, steps: int, threads: int) -> dict:
     step()  # warm-up: optimizer state, allocator
     saved = saved_bytes(model, ids)
     before = shapes.rss_bytes()
-    _reset_peak()
+    shapes.reset_peak_rss()
     times = []
     for _ in range(steps):
         start = time.perf_counter()

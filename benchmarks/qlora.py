@@ -49,12 +49,6 @@ SIZES = {
 VARIANTS = ("lora_bf16", "qlora", "peft_qlora", "peft_bf16", "qlora_chunked")
 
 
-def _reset_peak() -> None:
-    """Start ``VmHWM`` again from the current resident set (Linux: write 5 to clear_refs)."""
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
-
-
 def _load(directory: Path, variant: str, device: torch.device, checkpointing: bool) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -119,7 +113,7 @@ def child(args: argparse.Namespace) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        _reset_peak()
+        shapes.reset_peak_rss()
     times = shapes.time_calls(step, device, warmup=args.warmup, repeats=args.steps)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else shapes.peak_rss_bytes() - before
     median, spread = shapes.summarise(times)

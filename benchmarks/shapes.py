@@ -209,6 +209,12 @@ def peak_rss_bytes() -> int:
     return _proc_status_bytes("VmHWM")
 
 
+def reset_peak_rss() -> None:
+    """Start ``VmHWM`` again from the current resident set (Linux: write 5 to clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+
+
 def versions() -> str:
     import platform
 

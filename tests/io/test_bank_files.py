@@ -66,18 +66,23 @@ def test_peft_loads_our_bank_adapter_and_computes_our_logits(build, config: LoRA
     torch.testing.assert_close(_logits(peft_model), expected, rtol=0, atol=ATOL)
 
 
-def test_we_load_peft_all_linear_on_mixtral_with_its_rank_conversion_and_router(tmp_path: Path) -> None:
-    """PEFT's all-linear on a transformers 5 Mixtral adapts the router and gives gate_up_proj rank 2r
-    (its v4 w1 + w3 fused): the file says so in target_parameters and rank_pattern, and we follow it."""
-    base = tiny_mixtral()
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+def _peft_adapter(base: torch.nn.Module, config: LoraConfig, directory: Path) -> torch.Tensor:
+    """A PEFT adapter of ``config`` on ``base`` with random B, saved by PEFT; returns PEFT's logits."""
+    peft_model = get_peft_model(copy.deepcopy(base), config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05)
     peft_model.eval()
-    expected = _logits(peft_model)
-    peft_model.save_pretrained(tmp_path / "peft")
+    peft_model.save_pretrained(directory)
+    return _logits(peft_model)
+
+
+def test_we_load_peft_all_linear_on_mixtral_with_its_rank_conversion_and_router(tmp_path: Path) -> None:
+    """PEFT's all-linear on a transformers 5 Mixtral adapts the router and gives gate_up_proj rank 2r
+    (its v4 w1 + w3 fused): the file says so in target_parameters and rank_pattern, and we follow it."""
+    base = tiny_mixtral()
+    expected = _peft_adapter(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), tmp_path / "peft")
     model = copy.deepcopy(base)
     report = load_adapter(model, tmp_path / "peft")
     ranks = {m.name: m.r for m in report.modules}
@@ -88,14 +93,7 @@ def test_we_load_peft_all_linear_on_mixtral_with_its_rank_conversion_and_router(
 def test_we_load_a_peft_target_parameters_adapter_on_gpt_oss(tmp_path: Path) -> None:
     base = tiny_gpt_oss()
     config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj"], target_parameters=["experts.down_proj"])
-    peft_model = get_peft_model(copy.deepcopy(base), config)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    peft_model.eval()
-    expected = _logits(peft_model)
-    peft_model.save_pretrained(tmp_path / "peft")
+    expected = _peft_adapter(base, config, tmp_path / "peft")
     model = copy.deepcopy(base)
     report = load_adapter(model, tmp_path / "peft")
     assert {m.name.rsplit(".", 1)[-1] for m in report.modules} == {"q_proj", "down_proj"}

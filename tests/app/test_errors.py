@@ -1,4 +1,11 @@
-"""Bad input ends the CLI with one clear line, a non-zero exit, and nothing written."""
+"""Bad input ends the CLI with one clear line, a non-zero exit, and nothing written.
+
+Each mistake is checked in-process (the job as Hydra hands it over: the one-line message and an
+output dir left empty, in the fast lane); a few, one of each kind (a composition error, a key
+Hydra refuses, a value the job refuses, a missing file), also go through the real command, where
+the exit status, stderr's single line and the directory the command ran in are checked (the slow
+lane: each is a subprocess).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.app_support import app_env, start_cli
-
-pytestmark = pytest.mark.slow  # every case is a CLI subprocess
+from lora_lightning.app.errors import UsageExit
+from tests.app_support import app_env, compose_job, start_cli
 
 # (overrides, words the one error line must contain)
 CASES = {
@@ -59,6 +65,22 @@ CASES = {
     "negative max_steps": (["trainer.max_steps=-5"], ["trainer.max_steps must be a positive integer", "-5"]),
     "unknown precision": (["trainer.precision=bf17"], ["'bf17'", "is invalid", "bf16-mixed"]),
     "unknown trainer key": (["+trainer.max_stepz=5"], ["trainer:", "max_stepz"]),
+    "unknown quant method": (
+        ["quant.method=nf5"],
+        ["quant.method must be null or one of nf4, nf4-dq, fp4, int8, got 'nf5'"],
+    ),
+    "unknown compute dtype": (
+        ["quant=nf4", "quant.compute_dtype=fp8"],
+        ["quant.compute_dtype must be one of auto, float32"],
+    ),
+    "unknown optimizer": (
+        ["optim.name=sgd"],
+        ["optim.name must be one of adamw, adamw_8bit, paged_adamw_8bit, got 'sgd'"],
+    ),
+    "full fine-tune of a 4-bit base": (
+        ["quant=nf4", "method=full"],
+        ["method=full trains every weight, which a quantized base cannot; got quant.method="],
+    ),
 }
 # Sweeps whose group choices name an option that does not exist: refused before any sweep dir is made.
 SWEEP_CASES = {
@@ -74,25 +96,64 @@ SWEEP_CASES = {
 }
 
 
-def test_bad_input_one_line_no_output(tmp_path: Path) -> None:
+# Errors Hydra raises while composing the config: only the command shows them (in-process, compose raises).
+COMPOSE_CASES = {"unknown group choice", "bad override key"}
+# Through the real command as well: one of each kind of mistake.
+CLI_CASES = ("unknown group choice", "bad override key", "zero rank", "missing data file")
+
+
+def _data_files(tmp_path: Path) -> dict[str, str]:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
     bad_sft = tmp_path / "bad_sft.jsonl"
     bad_sft.write_text('{"prompt": "a", "response": "b", "answer": " "}\n{"prompt": "c", "answer": "d"}\n')
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a, "response": "b"}\n')
+    return {"{bad}": str(bad), "{bad_sft}": str(bad_sft), "{broken}": str(broken)}
+
+
+def _overrides(name: str, files: dict[str, str]) -> list[str]:
+    args = []
+    for override in CASES[name][0]:
+        for placeholder, path in files.items():
+            override = override.replace(placeholder, path)
+        args.append(override)
+    return args
+
+
+@pytest.mark.parametrize("name", sorted(set(CASES) - COMPOSE_CASES))
+def test_bad_input_stops_the_job_with_one_line_before_any_work(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lora_lightning.app.run.job import run
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LORA_LIGHTNING_CACHE", str(cache))
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.delenv("LORA_LIGHTNING_FULL_ERROR", raising=False)
+    out = tmp_path / "run"
+    cfg = compose_job(_overrides(name, _data_files(tmp_path)), out)
+    with pytest.raises(UsageExit) as raised:
+        run(cfg)
+    message = raised.value.message
+    assert "\n" not in message, f"{name}: more than one line: {message!r}"
+    for word in CASES[name][1]:
+        assert word in message, f"{name}: {word!r} not in {message!r}"
+    assert not out.exists() or not any(out.iterdir()), f"{name}: left {sorted(out.rglob('*'))}"
+    assert not cache.exists() or not any(cache.iterdir()), f"{name}: a base was built for a bad input"
+
+
+@pytest.mark.slow  # subprocesses
+def test_bad_input_one_line_no_output(tmp_path: Path) -> None:
+    files = _data_files(tmp_path)
     cache = tmp_path / "cache"
     env = {**app_env(cache), "OMP_NUM_THREADS": "1"}
     procs = {}
-    for name, (overrides, _) in CASES.items():  # all at once: each fails within its startup time
+    for name in CLI_CASES:  # all at once: each fails within its startup time
         # each command in an empty directory of its own, with Hydra's default outputs/<date>/<time>
         run_dir = tmp_path / "runs" / name.replace(" ", "_")
         run_dir.mkdir(parents=True)
-        args = [
-            o.replace("{bad}", str(bad)).replace("{bad_sft}", str(bad_sft)).replace("{broken}", str(broken))
-            for o in overrides
-        ]
-        procs[name] = (start_cli(args, cache, run_dir, env=env), run_dir)
+        procs[name] = (start_cli(_overrides(name, files), cache, run_dir, env=env), run_dir)
     nested = tmp_path / "mine" / "runs" / "first"  # a run dir whose parents Hydra creates too
     procs["nested run dir"] = (start_cli(["lora.r=0", f"hydra.run.dir={nested}"], cache, tmp_path, env=env), nested)
     for name, (proc, run_dir) in procs.items():
@@ -110,6 +171,7 @@ def test_bad_input_one_line_no_output(tmp_path: Path) -> None:
     assert not cache.exists() or not any(cache.iterdir()), "no base model may be built for a bad input"
 
 
+@pytest.mark.slow
 def test_bad_sweep_input_one_line_no_sweep_dir(tmp_path: Path) -> None:
     env = {**app_env(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     procs = {}
@@ -129,6 +191,7 @@ def test_bad_sweep_input_one_line_no_sweep_dir(tmp_path: Path) -> None:
         assert not sweep_dir.exists(), f"{name}: left {sorted(p.name for p in sweep_dir.rglob('*'))}"
 
 
+@pytest.mark.slow
 def test_a_user_directory_keeps_its_own_files_after_a_bad_input(tmp_path: Path) -> None:
     """hydra.run.dir may be a directory of the user's: only Hydra's own files are taken back."""
     mine = tmp_path / "mine"
@@ -142,6 +205,7 @@ def test_a_user_directory_keeps_its_own_files_after_a_bad_input(tmp_path: Path) 
     assert (mine / "notes.log").read_text() == "my notes"
 
 
+@pytest.mark.slow
 def test_full_trace_with_hydra_full_error(tmp_path: Path) -> None:
     env = {**app_env(tmp_path / "cache"), "HYDRA_FULL_ERROR": "1"}
     proc = start_cli(["lora.r=0", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path / "cache", tmp_path, env=env)
@@ -151,6 +215,7 @@ def test_full_trace_with_hydra_full_error(tmp_path: Path) -> None:
     assert "r must be a positive integer, got 0" in stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("help_flag", ["--help"])
 def test_help_lists_the_config_groups(tmp_path: Path, help_flag: str) -> None:
     proc = start_cli([help_flag], tmp_path / "cache", tmp_path)

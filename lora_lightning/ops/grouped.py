@@ -18,8 +18,11 @@ _CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _aligned(t: Tensor) -> bool:
+    """One of the last two dims contiguous; every other stride (of a dim longer than 1) a multiple of 16 bytes."""
     size = t.element_size()
-    strides_ok = all(stride * size % 16 == 0 for stride, dim in zip(t.stride(), t.shape, strict=True) if dim > 1)
+    strides_ok = all(
+        stride * size % 16 == 0 for stride, dim in zip(t.stride(), t.shape, strict=True) if dim > 1 and stride != 1
+    )
     return strides_ok and t.data_ptr() % 16 == 0 and any(stride == 1 for stride in t.stride()[-2:])
 
 
@@ -47,11 +50,8 @@ def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor, counts: list[int]) -> Tens
     """
     if can_group(x, w):
         return F.grouped_mm(x, w, offs=offsets)
-    pieces, start = [], 0
-    for expert, count in enumerate(counts):
-        if count:
-            pieces.append(x[start : start + count] @ w[expert])
-            start += count
+    # split, not slices: the backward of S slices would write S zero-filled (S, in) gradients
+    pieces = [rows @ w[expert] for expert, rows in enumerate(x.split(counts)) if rows.shape[0]]
     if not pieces:
         return x.new_zeros(x.shape[0], w.shape[-1])
     return torch.cat(pieces)

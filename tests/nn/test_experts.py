@@ -9,6 +9,7 @@ from torch import nn
 from lora_lightning import LoRAConfig, inject_lora
 from lora_lightning.inject import lora_banks
 from lora_lightning.nn.experts import LoRAExperts
+from lora_lightning.ops.grouped import can_group
 from tests.models import token_ids
 from tests.moe_models import (
     MODELS,
@@ -138,6 +139,38 @@ def test_dropout_drops_the_adapter_input_only() -> None:
     weighted = down * weights.reshape(-1)[order].unsqueeze(-1)
     expected = torch.zeros_like(x).index_add_(0, order // 2, weighted)
     torch.testing.assert_close(dropped, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_mm_takes_contiguous_rows_and_transposed_banks() -> None:
+    """The alignment rule is about strides other than the contiguous one: (S, in) rows and a bank
+    stored (E, out, in) read as (E, in, out) are what the experts forward hands it."""
+    rows, bank = torch.randn(24, 64), torch.randn(4, 48, 64)
+    assert can_group(rows, bank.transpose(-2, -1))
+    assert can_group(rows[:, :16], torch.randn(4, 16, 48))  # a column slice: rows still 16-byte strided
+    assert not can_group(torch.randn(24, 2), torch.randn(4, 2, 48))  # 8-byte rows
+    assert not can_group(rows.double(), bank.double().transpose(-2, -1))  # no float64 kernel
+    assert not can_group(rows[:, 1:17], torch.randn(4, 16, 48))  # a base address off 16 bytes
+
+
+def test_the_bank_runs_every_gemm_as_one_grouped_mm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Base and adapter GEMMs go through F.grouped_mm (one call per projection and factor), not a loop."""
+    calls = []
+    grouped = torch.nn.functional.grouped_mm
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape)
+        return grouped(*args, **kwargs)
+
+    bank = _bank_of("qwen3_moe")
+    adapter = LoRAExperts(bank, {"gate_up_proj": (4, 4.0), "down_proj": (4, 4.0)})
+    _randomise_B(adapter)
+    index, weights = routing(12, adapter.num_experts, 2)
+    x = torch.randn(12, 64, requires_grad=True)
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", counting)
+    out = adapter(x, index, weights)
+    out.square().sum().backward()
+    assert len(calls) == 6, calls  # gate_up and down: the base, x A^T and (x A^T) B^T
+    assert_near(out, bank_reference(adapter, x.detach(), index, weights))
 
 
 def test_a_rank_grouped_mm_cannot_take_runs_the_per_expert_loop_and_agrees() -> None:

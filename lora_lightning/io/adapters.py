@@ -43,9 +43,13 @@ from lora_lightning.io import peft_format as pf
 from lora_lightning.io.atomic_files import atomic_directory, check_destination, tensors_for_file
 from lora_lightning.io.export import export_merged
 from lora_lightning.io.load_plan import choose_config, plan_load, saved_modules, with_file_dtype
+from lora_lightning.nn.experts import LoRAExperts
 from lora_lightning.nn.inits import rewrites_base
 from lora_lightning.nn.layers import LoRALinear, adaptable_kind
 from lora_lightning.targets import plan_adapters, plan_targets
+
+# How save_adapter writes adapted expert banks (see its docstring).
+EXPERT_FILE_LAYOUTS = ("fused", "per_expert")
 
 # -- what belongs to the adapter ---------------------------------------------------------------------
 
@@ -136,11 +140,33 @@ def _bank_file_tensors(root: nn.Module, state: dict[str, Tensor]) -> dict[str, T
     return tensors
 
 
+def _per_expert_file_tensors(
+    root: nn.Module, state: dict[str, Tensor]
+) -> tuple[dict[str, Tensor], dict[str, tuple[int, float]]]:
+    """Every adapted bank as per-expert linear adapters (and a router as the linear layer it was),
+    with their (r, alpha) by module name; their keys leave ``state``."""
+    tensors, ranks = {}, {}
+    for name, bank in lora_banks(root).items():
+        for p in bank.projections:
+            A, B = state.pop(f"{name}.lora_A.{p}"), state.pop(f"{name}.lora_B.{p}")
+            if isinstance(bank, LoRAExperts):
+                linears = pf.bank_per_expert(name, bank.layout, p, A, B)
+            else:  # the router's weight: the (E x H) linear layer of models with per-expert layers
+                linears = {name: (A[0], B[0])}
+            for linear, (A_e, B_e) in linears.items():
+                tensors[f"{pf.PEFT_PREFIX}{linear}.lora_A.weight"] = A_e
+                tensors[f"{pf.PEFT_PREFIX}{linear}.lora_B.weight"] = B_e
+                ranks[linear] = (bank.r[p], bank.alpha[p])
+    return tensors, ranks
+
+
 def save_adapter(
     model: nn.Module,
     directory: str | os.PathLike,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
+    *,
+    experts: str = "fused",
 ) -> Path:
     """Write the model's adapter in HF PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
@@ -154,13 +180,24 @@ def save_adapter(
         base_model_name_or_path: written to the config; default ``model.name_or_path`` when set.
         task_type: PEFT task type; default detected from the transformers class (``CAUSAL_LM``
             for ``*ForCausalLM``), None for other models.
+        experts: how adapted expert banks are written. "fused": PEFT's ``target_parameters``
+            layout, which PEFT and this package load (and vLLM for models that set
+            ``is_3d_moe_weight``). "per_expert": one linear LoRA per expert,
+            ``<bank>.<e>.gate_proj`` / ``up_proj`` / ``down_proj`` (a router as its linear
+            layer), the layout of checkpoints with per-expert layers, which vLLM's other MoE models
+            (Qwen3-MoE, ...) read; rank r each, the same update. Neither PEFT on transformers 5 nor
+            :func:`load_adapter` reads it back.
 
     Returns:
         The directory.
     """
+    if experts not in EXPERT_FILE_LAYOUTS:
+        raise ValueError(f"experts must be one of {', '.join(EXPERT_FILE_LAYOUTS)}, got {experts!r}")
     target = Path(directory)
     check_destination(target, (pf.CONFIG_NAME,))
     _, root, config = _adapted_root(model)
+    if experts == "per_expert" and not lora_banks(root):
+        raise ValueError("experts='per_expert' writes adapted expert banks per expert; this model has none adapted")
     layers = lora_layers(root)
     state = _own_adapter_state(root, config)
     ranks = {name: (layer.r, layer.alpha) for name, layer in layers.items()}
@@ -170,7 +207,11 @@ def save_adapter(
         written, factor = pf.for_original_base(config), pf.alpha_factor(config)
         state = _for_original_base(state, layers)
         ranks = {name: (2 * r, alpha * factor) for name, (r, alpha) in ranks.items()}
-    tensors = _bank_file_tensors(root, state)
+    if experts == "per_expert":
+        tensors, per_expert = _per_expert_file_tensors(root, state)
+        ranks, parameters = {**ranks, **per_expert}, {}
+    else:
+        tensors = _bank_file_tensors(root, state)
     for key, tensor in state.items():
         layer = layers.get(key.rpartition(".")[0])
         roles = layer.variant.roles if layer is not None else ()
@@ -188,7 +229,8 @@ def save_adapter(
         base_model_name_or_path=base_model_name_or_path or _name_or_path(root),
         parameters=parameters,
     )
-    _check_round_trip(root, data, {**ranks, **parameters})
+    if experts == "fused":  # per expert is for per-expert models: it does not plan on this one
+        _check_round_trip(root, data, {**ranks, **parameters})
     # adapter_config.json holds PEFT's fields only (PEFT warns "upgrade the PEFT version" at any other).
     # Our own record is in the weights file's metadata, which PEFT does not read: our config, to restore
     # fields PEFT lacks (freeze_A, ...), and for PiSSA / OLoRA the init the adapter was trained from (it
@@ -196,6 +238,8 @@ def save_adapter(
     metadata = {"format": "pt", pf.METADATA_CONFIG_KEY: json.dumps(written.to_dict(), sort_keys=True)}
     if written is not config:
         metadata[pf.METADATA_TRAINED_FROM_KEY] = config.init_lora_weights
+    if experts != "fused":
+        metadata[pf.METADATA_EXPERTS_KEY] = experts
     with atomic_directory(target) as tmp:
         (tmp / pf.CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         safetensors.torch.save_file(tensors_for_file(tensors), tmp / pf.WEIGHTS_NAME, metadata=metadata)

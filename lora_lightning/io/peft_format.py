@@ -30,6 +30,7 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 METADATA_CONFIG_KEY = "lora_lightning.config"
 METADATA_TRAINED_FROM_KEY = "lora_lightning.trained_from_init"  # PiSSA / OLoRA, written converted
+METADATA_EXPERTS_KEY = "lora_lightning.experts"  # expert banks written per expert (save_adapter)
 
 # PEFT fields we implement, with the default PEFT assumes when a (older) file lacks them.
 SUPPORTED_DEFAULTS: dict[str, Any] = {
@@ -361,6 +362,21 @@ def bank_to_file(A: Any, B: Any) -> tuple[Any, Any]:
     """Our ``A (E, r, in)``, ``B (E, out, r)`` -> PEFT's ``(r*E, in)``, ``(out, r*E)``."""
     experts, rank, _ = A.shape
     return A.reshape(experts * rank, -1), B.permute(1, 2, 0).reshape(B.shape[1], rank * experts)
+
+
+def bank_per_expert(name: str, layout: Any, projection: str, A: Any, B: Any) -> dict[str, tuple[Any, Any]]:
+    """One bank projection's factors as per-expert linear LoRA factors, by module name.
+
+    Our ``A (E, r, in)``, ``B (E, out, r)`` become ``{name}.{e}.{linear}`` -> ``(A_e (r, in), B_e rows
+    (out', r))`` for each linear layer the projection holds (``layout.unfused``: ``gate_up_proj`` is
+    ``gate_proj`` and ``up_proj``, sharing ``A_e``; ``down_proj`` itself). ``B_e A_e`` restricted to a
+    layer's rows is exactly that layer's part of the expert's update, so the rank stays ``r``.
+    """
+    out = {}
+    for linear, rows in layout.unfused(projection, B.shape[1]).items():
+        for expert in range(A.shape[0]):
+            out[f"{name}.{expert}.{linear}"] = (A[expert], B[expert, rows])
+    return out
 
 
 def bank_from_file(A: Any, B: Any, experts: int) -> tuple[Any, Any]:

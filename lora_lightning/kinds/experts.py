@@ -9,7 +9,7 @@ from ``transformers.integrations.moe.use_experts_implementation`` saying how the
 * ``is_transposed``: stored ``(E, in, out)`` instead of ``(E, out, in)`` (gpt-oss);
 * ``has_bias``: ``<projection>_bias`` ``(E, out)`` parameters (gpt-oss);
 * ``is_concatenated``: gate and up halves ``[gate; up]``, or interleaved (gpt-oss); the module's
-  own ``_apply_gate`` reads them, so the bank's adapter needs nothing from it;
+  own ``_apply_gate`` reads them in the forward; the per-expert adapter files split by it;
 * ``has_post_expert_norm``: a ``post_expert_norm`` after each expert.
 
 Llama 4's ``Llama4TextExperts`` is fused but not decorated: every expert sees every token
@@ -44,6 +44,8 @@ class Layout:
         has_post_expert_norm: ``post_expert_norm`` after each expert.
         routed: each token goes to its top-k experts (decorated classes); False for Llama 4, where
             every expert sees every token.
+        is_concatenated: a gated up projection's output rows are ``[gate; up]`` halves; False:
+            interleaved, gate rows ``0::2`` and up rows ``1::2`` (gpt-oss).
     """
 
     has_gate: bool
@@ -51,10 +53,21 @@ class Layout:
     is_transposed: bool
     has_post_expert_norm: bool
     routed: bool = True
+    is_concatenated: bool = True
 
     @property
     def projections(self) -> tuple[str, str]:
         return (GATED_UP if self.has_gate else PLAIN_UP, DOWN)
+
+    def unfused(self, projection: str, out_features: int) -> dict[str, slice]:
+        """The per-expert linear layers one projection holds, as output-row slices of an expert's weight:
+        ``gate_up_proj`` -> ``gate_proj`` and ``up_proj`` (halves or interleaved), others themselves."""
+        if projection != GATED_UP:
+            return {projection: slice(None)}
+        if self.is_concatenated:
+            half = out_features // 2
+            return {"gate_proj": slice(0, half), "up_proj": slice(half, out_features)}
+        return {"gate_proj": slice(0, out_features, 2), "up_proj": slice(1, out_features, 2)}
 
 
 def _looks_like_bank(module: nn.Module) -> bool:
@@ -82,6 +95,7 @@ def layout_of(module: nn.Module) -> Layout | None:
         has_bias=module.has_bias,
         is_transposed=module.is_transposed,
         has_post_expert_norm=module.has_post_expert_norm,
+        is_concatenated=module.is_concatenated,
     )
 
 
@@ -130,6 +144,14 @@ class ExpertBank:
     def stored(self, module: nn.Module, projection: str) -> Tensor:
         """The parameter holding one projection of every expert, as the module stores it."""
         return getattr(module, projection)
+
+    def functions(self, module: nn.Module) -> nn.Module:
+        """The module whose gate, activation, biases and post-expert norm the experts forward uses."""
+        return module
+
+    def restore(self, module: nn.Module, projection: str) -> bool:
+        """Undo a merge other than by subtracting the update (False: subtract it)."""
+        return False
 
     def bias(self, module: nn.Module, projection: str) -> Tensor | None:
         return getattr(module, f"{projection}_bias", None) if self.layout(module).has_bias else None

@@ -135,3 +135,67 @@ def test_export_merged_loads_in_plain_transformers(tmp_path: Path) -> None:
     plain = AutoModelForCausalLM.from_pretrained(directory).eval()
     assert type(plain.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
     torch.testing.assert_close(_logits(plain), expected, rtol=0, atol=ATOL)
+
+
+def _per_expert_linear(x: torch.Tensor, weight, bias, tensors: dict, key: str, scale: float) -> torch.Tensor:
+    """A per-expert nn.Linear with PEFT's LoRA, from the file: ``W x + b + scale * B A x`` (float64)."""
+    A = tensors[f"base_model.model.{key}.lora_A.weight"].double()
+    B = tensors[f"base_model.model.{key}.lora_B.weight"].double()
+    out = x @ weight.T + scale * (x @ A.T) @ B.T
+    return out if bias is None else out + bias
+
+
+@pytest.mark.parametrize("build", [tiny_qwen3_moe, tiny_gpt_oss], ids=["qwen3_moe", "gpt_oss"])
+def test_the_per_expert_file_computes_each_experts_adapted_mlp(build, tmp_path: Path) -> None:
+    """Each expert rebuilt from the per-expert file as gate / up / down linear layers (halves for Qwen3-MoE,
+    even / odd rows for gpt-oss, its biases), in float64, gives what the adapted bank gives that expert."""
+    ours = _adapted(build(layers=1), LoRAConfig(r=4, alpha=8, use_rslora=build is tiny_gpt_oss)).double()
+    directory = save_adapter(ours, tmp_path / "adapter", experts="per_expert")
+    tensors = safetensors.torch.load_file(directory / "adapter_model.safetensors")
+    data = json.loads((directory / "adapter_config.json").read_text())
+    name, bank = next(iter(lora_banks(ours).items()))
+    experts, base = bank.num_experts, bank.base_layer
+    assert data["target_parameters"] is None and f"{name}.{experts - 1}.up_proj" in data["target_modules"]
+    assert not any("base_layer" in key for key in tensors), "no fused-bank keys"
+    up, down = bank.projections
+    scale = bank.scale[up]
+    stored = {p: getattr(base, p) for p in (up, down)}  # (E, out, in), or (E, in, out) transposed
+    weights = {p: w.transpose(-2, -1) if base.is_transposed else w for p, w in stored.items()}
+    biases = {p: getattr(base, f"{p}_bias", None) for p in (up, down)}
+    width = weights[up].shape[1] // 2
+    gate_rows, up_rows = (
+        (slice(0, None, 2), slice(1, None, 2)) if build is tiny_gpt_oss else (slice(0, width), slice(width, None))
+    )
+    x = torch.randn(5, weights[up].shape[-1], dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for e in range(experts):
+        fused = x.new_empty(5, 2 * width)
+        for linear, rows in (("gate_proj", gate_rows), ("up_proj", up_rows)):
+            bias = None if biases[up] is None else biases[up][e, rows]
+            fused[:, rows] = _per_expert_linear(x, weights[up][e, rows], bias, tensors, f"{name}.{e}.{linear}", scale)
+        hidden = base._apply_gate(fused)
+        bias = None if biases[down] is None else biases[down][e]
+        expected = _per_expert_linear(hidden, weights[down][e], bias, tensors, f"{name}.{e}.down_proj", scale)
+        index, weight = torch.full((5, 1), e), torch.ones(5, 1, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(bank(x, index, weight), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_per_expert_file_writes_a_router_as_its_linear_layer_and_refuses_a_model_without_banks(
+    tmp_path: Path,
+) -> None:
+    ours = _adapted(tiny_mixtral(layers=1), LoRAConfig(r=4, alpha=8, target_parameters=["gate.weight"]))
+    directory = save_adapter(ours, tmp_path / "adapter", experts="per_expert")
+    tensors = safetensors.torch.load_file(directory / "adapter_model.safetensors")
+    router = next(bank for name, bank in lora_banks(ours).items() if name.endswith(".gate"))
+    A, B = (
+        tensors["base_model.model.model.layers.0.mlp.gate.lora_A.weight"],
+        tensors["base_model.model.model.layers.0.mlp.gate.lora_B.weight"],
+    )
+    assert torch.equal(A, router.lora_A["weight"][0]) and torch.equal(B, router.lora_B["weight"][0])
+    with pytest.raises(ValueError, match="experts must be one of fused, per_expert, got 'split'"):
+        save_adapter(ours, tmp_path / "other", experts="split")
+    assert not (tmp_path / "other").exists()
+    plain = tiny_qwen3_moe(layers=1)
+    inject_lora(plain, LoRAConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="this model has none adapted"):
+        save_adapter(plain, tmp_path / "third", experts="per_expert")

@@ -15,16 +15,19 @@ from torch import nn
 
 from lora_lightning.config import QUANT_METHODS
 from lora_lightning.kinds.bnb import Linear4bitKind, Linear8bitKind, bnb
+from lora_lightning.kinds.bnb_experts import check_quantizable
 from lora_lightning.kinds.dense import conv1d_class
+from lora_lightning.kinds.experts import BANK, is_bank_4bit, is_expert_bank
+from lora_lightning.nn.experts4bit import Experts4bit
 from lora_lightning.targets import output_head_names
 
 QuantMethod = Literal["nf4", "nf4-dq", "fp4", "int8"]
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """Whether ``module`` holds any bitsandbytes 4- or 8-bit layer."""
+    """Whether ``module`` holds any bitsandbytes 4- or 8-bit layer (or a 4-bit expert bank)."""
     kinds = (Linear4bitKind(), Linear8bitKind())
-    return any(kind.claims(m) for m in module.modules() for kind in kinds)
+    return any(kind.claims(m) or is_bank_4bit(m) for m in module.modules() for kind in kinds)
 
 
 def _quantized_layer(linear: nn.Linear, method: str, compute_dtype: torch.dtype | None) -> nn.Module:
@@ -59,7 +62,9 @@ def _quantized_layer(linear: nn.Linear, method: str, compute_dtype: torch.dtype 
     return layer.to(device)  # bitsandbytes quantizes when the weight moves to a device
 
 
-def plan_quantization(model: nn.Module, method: str, keep: Iterable[str] = ()) -> list[str]:
+def plan_quantization(
+    model: nn.Module, method: str, keep: Iterable[str] = (), *, allow_none: bool = False
+) -> list[str]:
     """The linear layers :func:`quantize_model` would quantize, checked; the model is not touched.
 
     Raises:
@@ -97,31 +102,70 @@ def plan_quantization(model: nn.Module, method: str, keep: Iterable[str] = ()) -
             "has no such layer; load the model with from_pretrained(..., quantization_config=BitsAndBytesConfig(...)), "
             "which converts them"
         )
-    if not names:
+    if not names and not allow_none:
         raise ValueError(f"quantize={method!r}: the model has no nn.Linear layer to quantize outside its head")
     return names
 
 
-def quantize_model(model: nn.Module, method: QuantMethod, keep: Iterable[str] = ()) -> list[str]:
-    """Replace the model's ``nn.Linear`` layers by bitsandbytes 4-/8-bit layers, in place.
+def plan_bank_quantization(model: nn.Module, method: str, keep: Iterable[str] = ()) -> list[str]:
+    """The fused expert banks :func:`quantize_model` would quantize (4-bit methods), checked.
+
+    Raises:
+        ValueError: int8 with expert banks (bitsandbytes' int8 format is a linear layer's), a bank
+            already 4-bit, or an expert width that 4-bit blocks cannot hold (named).
+        TypeError: a bank whose layout is not known.
+    """
+    kept = [name for name in keep if name]
+    names = []
+    for name, module in model.named_modules():
+        if not name or any(name == k or name.startswith(k + ".") for k in kept) or not is_expert_bank(module):
+            continue
+        if is_bank_4bit(module):
+            raise ValueError(
+                f"quantize={method!r}: expert bank {name!r} is already 4-bit; drop quantize= or load the model "
+                "unquantized"
+            )
+        problem = BANK.problem(module)
+        if problem is not None:
+            raise TypeError(f"quantize={method!r}: module {name!r} ({type(module).__name__}) {problem}")
+        for p in BANK.layout(module).projections:
+            in_f, out_f = BANK.features(module, p)
+            reason = check_quantizable((out_f, in_f), f"{name}.{p}")
+            if reason is not None:
+                raise ValueError(f"quantize={method!r}: {reason}; leave the banks unquantized (quantize_banks=False)")
+        names.append(name)
+    if names and method == "int8":
+        raise ValueError(
+            f"quantize='int8' cannot hold fused expert banks ({names[0]!r}, ...): bitsandbytes' int8 format is "
+            "a linear layer's; use nf4, nf4-dq or fp4, or leave the banks unquantized (quantize_banks=False)"
+        )
+    return names
+
+
+def quantize_model(model: nn.Module, method: QuantMethod, keep: Iterable[str] = (), *, banks: bool = True) -> list[str]:
+    """Replace the model's ``nn.Linear`` layers by bitsandbytes 4-/8-bit layers, in place, and (4-bit
+    methods) its fused expert banks by :class:`~lora_lightning.nn.experts4bit.Experts4bit`.
 
     The output head (``get_output_embeddings()`` of a transformers model, or a top-level child
-    named like one), embeddings, norms and the modules named in ``keep`` (and their children) stay
-    in full precision. Layers are quantized one by one on their own device, so peak memory stays
-    near the model's.
+    named like one), embeddings, norms, routers and the modules named in ``keep`` (and their
+    children) stay in full precision. Layers are quantized one by one on their own device (a bank
+    one expert at a time), so peak memory stays near the model's.
 
     Args:
         model: any module; every weight to quantize must be materialised.
         method: "nf4", "nf4-dq" (nf4 with double quantization of the scales), "fp4", "int8".
         keep: module names left unquantized (e.g. ``modules_to_save``).
+        banks: quantize the fused expert banks of a MoE model too (4-bit methods; int8 refuses them).
 
     Returns:
-        The names of the quantized layers.
+        The names of the quantized layers and banks.
 
     Raises:
-        ValueError / TypeError: see :func:`plan_quantization`; raised before any layer changes.
+        ValueError / TypeError: see :func:`plan_quantization` and :func:`plan_bank_quantization`;
+            raised before any layer changes.
     """
-    names = plan_quantization(model, method, keep)
+    bank_names = plan_bank_quantization(model, method, keep) if banks else []
+    names = plan_quantization(model, method, keep, allow_none=bool(bank_names))
     bnb()  # the import error, if any, before any change
     for name in names:
         parent_name, _, child = name.rpartition(".")
@@ -129,4 +173,9 @@ def quantize_model(model: nn.Module, method: QuantMethod, keep: Iterable[str] = 
         linear = getattr(parent, child)
         compute = linear.weight.dtype if linear.weight.is_floating_point() else None
         setattr(parent, child, _quantized_layer(linear, method, compute))
-    return names
+    for name in bank_names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        quant_type = "fp4" if method == "fp4" else "nf4"
+        setattr(parent, child, Experts4bit(getattr(parent, child), quant_type, double_quant=method == "nf4-dq"))
+    return names + bank_names

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from lora_lightning.config import LoRAConfig, layer_index, name_matches
+from lora_lightning.kinds.bnb_experts import bank_kind
 from lora_lightning.kinds.experts import (
-    BANK,
     DOWN,
     GATED_UP,
     PLAIN_UP,
@@ -116,7 +116,7 @@ def _check_banks(config: LoRAConfig, banks: list[BankTarget], candidates: list[t
                     "target_parameters"
                 )
             continue
-        problem = BANK.problem(bank.module)
+        problem = bank_kind(bank.module).problem(bank.module)
         if problem is not None:
             raise TypeError(
                 f"module {bank.name!r} ({type(bank.module).__name__}) {problem}; exclude it with exclude_modules"

@@ -187,9 +187,13 @@ def bank_reference(adapter, x: torch.Tensor, index: torch.Tensor | None, weights
     are the module's own, run in float64. With ``index`` None every expert takes its ``T`` rows (Llama 4).
     """
     bank, kind, layout = adapter.base_layer, adapter.kind, adapter.layout
+    functions = adapter.functions  # the experts module (a 4-bit bank keeps it as its child)
 
     def weight(p: str, e: int) -> torch.Tensor:
-        w = kind.expert_weight(bank, p, e).double()
+        if hasattr(bank, "banks_4bit"):  # bitsandbytes' dequantization of the expert's blocks
+            w = bank.banks_4bit[p].dequantize(e).double()
+        else:
+            w = kind.expert_weight(bank, p, e).double()
         if p in adapter.lora_A:
             w = w + adapter.lora_B[p][e].double() @ adapter.lora_A[p][e].double() * adapter.scale[p]
         return w
@@ -202,14 +206,14 @@ def bank_reference(adapter, x: torch.Tensor, index: torch.Tensor | None, weights
         up, down = layout.projections
         h = rows @ weight(up, e).t() + bias(up, e)
         if not layout.has_gate:
-            h = bank.act_fn(h)
-        elif hasattr(bank, "_apply_gate"):
-            h = bank._apply_gate(h)
+            h = functions.act_fn(h)
+        elif hasattr(functions, "_apply_gate"):
+            h = functions._apply_gate(h)
         else:
             gate, up_half = h.chunk(2, dim=-1)
-            h = bank.act_fn(gate) * up_half
+            h = functions.act_fn(gate) * up_half
         out = h @ weight(down, e).t() + bias(down, e)
-        return bank.post_expert_norm.double()(out) if layout.has_post_expert_norm else out
+        return functions.post_expert_norm.double()(out) if layout.has_post_expert_norm else out
 
     x = x.double()
     if index is None:

@@ -81,8 +81,16 @@ def _looks_like_bank(module: nn.Module) -> bool:
     return down is not None and up is not None and down.dim() == 3 and up.dim() == 3
 
 
+def is_bank_4bit(module: nn.Module) -> bool:
+    """A fused experts module whose projections are 4-bit banks (:class:`~lora_lightning.nn.experts4bit.Experts4bit`,
+    kind :mod:`lora_lightning.kinds.bnb_experts`): it carries its layout and ``banks_4bit``."""
+    return isinstance(getattr(module, "layout", None), Layout) and hasattr(module, "banks_4bit")
+
+
 def layout_of(module: nn.Module) -> Layout | None:
     """The layout of a fused experts module, or None when ``module`` is not one."""
+    if is_bank_4bit(module):
+        return module.layout
     if not _looks_like_bank(module):
         return None
     name = type(module).__name__
@@ -100,8 +108,8 @@ def layout_of(module: nn.Module) -> Layout | None:
 
 
 def is_expert_bank(module: nn.Module) -> bool:
-    """``module`` looks like fused experts (3-D projection parameters), known layout or not."""
-    return _looks_like_bank(module)
+    """``module`` looks like fused experts (3-D projection parameters, or 4-bit banks), known layout or not."""
+    return _looks_like_bank(module) or is_bank_4bit(module)
 
 
 class ExpertBank:

@@ -22,6 +22,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from lora_lightning.kinds.bnb_experts import BANK_4BIT, bank_kind
 from lora_lightning.kinds.experts import BANK, ROUTER, ROUTER_PARAMETER, ExpertBank, Layout
 from lora_lightning.nn.layers import lora_scale
 from lora_lightning.ops.grouped import grouped_mm
@@ -62,7 +63,7 @@ class ParameterAdapter(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        kind = type(self).kind
+        kind = self.kind = self._kind_of(base_layer)
         problem = kind.problem(base_layer)
         if problem is not None:
             raise TypeError(f"{type(base_layer).__name__} {problem}")
@@ -84,14 +85,20 @@ class ParameterAdapter(nn.Module):
         self.lora_B = nn.ParameterDict()
         for p in self.projections:
             in_f, out_f = self.features[p]
-            self.lora_A[p] = nn.Parameter(torch.zeros(self.num_experts, self.r[p], in_f, **factory))
-            self.lora_B[p] = nn.Parameter(torch.zeros(self.num_experts, out_f, self.r[p], **factory))
+            # A (E, r, in) and B (E, out, r), laid out so that A^T (E, in, r) and B^T (E, r, out), the
+            # operands of the grouped GEMMs, are contiguous (measured: half the time of strided ones)
+            A = torch.zeros(self.num_experts, in_f, self.r[p], **factory).transpose(-2, -1)
+            B = torch.zeros(self.num_experts, self.r[p], out_f, **factory).transpose(-2, -1)
+            self.lora_A[p], self.lora_B[p] = nn.Parameter(A), nn.Parameter(B)
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if init is not None:
             self.reset_lora_parameters(init, init_std)
 
     def _parameter_names(self, base_layer: nn.Module) -> tuple[str, ...]:
         raise NotImplementedError
+
+    def _kind_of(self, base_layer: nn.Module) -> ExpertBank:
+        return type(self).kind
 
     @torch.no_grad()
     def reset_lora_parameters(self, init: str = "kaiming", init_std: float = 0.02) -> None:
@@ -141,7 +148,8 @@ class ParameterAdapter(nn.Module):
         if not self.merged:
             return
         for p in self.projections:
-            self.kind.add_update(self.base_layer, p, self.lora_B[p], self.lora_A[p], -self.scale[p])
+            if not self.kind.restore(self.base_layer, p):
+                self.kind.add_update(self.base_layer, p, self.lora_B[p], self.lora_A[p], -self.scale[p])
         self.merged = False
 
     def _dropped(self, x: Tensor) -> Tensor:
@@ -152,44 +160,28 @@ class ParameterAdapter(nn.Module):
         return f"experts={self.num_experts}, {ranks}, merged={self.merged}"
 
 
-class LoRAExperts(ParameterAdapter):
-    """``h_e = W_e x + b_e + scale * B_e A_e dropout(x)`` for every projection of every expert of a bank.
+class ExpertsForward:
+    """The experts forward of a fused experts module, in the order of transformers' ``grouped_mm``
+    forward: sort the token-expert pairs by expert, up (gate) projection, the module's gate or
+    activation, down projection, post-expert norm, routing weights, the sum back per token.
 
-    ``base_layer`` is the experts module (``MixtralExperts``, ``Qwen3MoeExperts``, ``GptOssExperts``,
-    ``Llama4TextExperts``, ...); ``ranks`` names its projections (``gate_up_proj`` or ``up_proj``,
-    ``down_proj``). Other arguments: :class:`ParameterAdapter`.
+    A class using it has ``layout``, ``num_experts``, ``functions`` (the module holding ``act_fn`` /
+    ``_apply_gate`` / ``post_expert_norm``) and ``_project(x, p, offsets, counts, bias_rows)``.
     """
 
-    kind = BANK
+    layout: Layout
+    num_experts: int
 
-    def __init__(self, base_layer: nn.Module, ranks: dict[str, tuple[int, float]], **options) -> None:
-        super().__init__(base_layer, ranks, **options)
-        self.layout: Layout = self.kind.layout(base_layer)
-
-    def _parameter_names(self, base_layer: nn.Module) -> tuple[str, ...]:
-        return self.kind.layout(base_layer).projections
-
-    # -- forward -------------------------------------------------------------------------------
+    @property
+    def functions(self) -> nn.Module:
+        raise NotImplementedError
 
     def _project(self, x: Tensor, p: str, offsets: Tensor, counts: list[int], bias_rows: Tensor | None) -> Tensor:
-        """One projection over tokens sorted by expert: base grouped GEMM, bias, then the rank-r update."""
-        base = self.base_layer
-        weight = self.kind.grouped_weight(base, p)
-        out = grouped_mm(x.to(weight.dtype), weight, offsets, counts)
-        bias = self.kind.bias(base, p)
-        if bias is not None and bias_rows is not None:
-            out.add_(bias[bias_rows])
-        if p in self.lora_A:
-            A, B = self.lora_A[p], self.lora_B[p]
-            source = self._dropped(x).to(A.dtype)
-            low = grouped_mm(source, A.transpose(-2, -1), offsets, counts)  # (S, r)
-            update = grouped_mm(low, B.transpose(-2, -1), offsets, counts)  # (S, out)
-            out = out + (update * self.scale[p]).to(out.dtype)
-        return out
+        raise NotImplementedError
 
     def _expert_mlp(self, x: Tensor, offsets: Tensor, counts: list[int], rows: Tensor | None) -> Tensor:
         """up (gate) -> down, with the module's own gate / activation and post-expert norm."""
-        base, layout = self.base_layer, self.layout
+        base, layout = self.functions, self.layout
         up, down = layout.projections
         hidden = self._project(x, up, offsets, counts, rows)
         if not layout.has_gate:
@@ -204,15 +196,13 @@ class LoRAExperts(ParameterAdapter):
             out = base.post_expert_norm(out)
         return out
 
-    def forward(self, hidden_states: Tensor, *routing: Tensor) -> Tensor:
-        if self.merged:
-            return self.base_layer(hidden_states, *routing)
+    def _experts_forward(self, hidden_states: Tensor, *routing: Tensor) -> Tensor:
         if not self.layout.routed:
             return self._forward_every_expert(hidden_states, *routing)
         return self._forward_routed(hidden_states, *routing)
 
     def _forward_routed(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        """transformers' ``grouped_mm`` experts forward, with the adapters' GEMMs beside the base ones."""
+        """transformers' ``grouped_mm`` experts forward, through this class's projections."""
         num_top_k = top_k_index.size(-1)
         num_tokens, hidden_dim = hidden_states.size(0), hidden_states.size(-1)
         expert_ids = top_k_index.reshape(-1)
@@ -235,6 +225,58 @@ class LoRAExperts(ParameterAdapter):
         counts = [rows] * self.num_experts
         offsets = torch.arange(1, self.num_experts + 1, device=hidden_states.device, dtype=torch.int32) * rows
         return self._expert_mlp(hidden_states, offsets, counts, None)
+
+
+class LoRAExperts(ExpertsForward, ParameterAdapter):
+    """``h_e = W_e x + b_e + scale * B_e A_e dropout(x)`` for every projection of every expert of a bank.
+
+    ``base_layer`` is the experts module (``MixtralExperts``, ``Qwen3MoeExperts``, ``GptOssExperts``,
+    ``Llama4TextExperts``, ...); ``ranks`` names its projections (``gate_up_proj`` or ``up_proj``,
+    ``down_proj``). Other arguments: :class:`ParameterAdapter`.
+    """
+
+    kind = BANK
+
+    def __init__(self, base_layer: nn.Module, ranks: dict[str, tuple[int, float]], **options) -> None:
+        super().__init__(base_layer, ranks, **options)
+        self.layout: Layout = self.kind.layout(base_layer)
+
+    def _kind_of(self, base_layer: nn.Module) -> ExpertBank:
+        return bank_kind(base_layer)
+
+    def _parameter_names(self, base_layer: nn.Module) -> tuple[str, ...]:
+        return self._kind_of(base_layer).layout(base_layer).projections
+
+    # -- forward -------------------------------------------------------------------------------
+
+    @property
+    def functions(self) -> nn.Module:
+        return self.kind.functions(self.base_layer)
+
+    def _project(self, x: Tensor, p: str, offsets: Tensor, counts: list[int], bias_rows: Tensor | None) -> Tensor:
+        """One projection over tokens sorted by expert: base GEMM (grouped, or per expert from 4 bits),
+        bias, then the rank-r update."""
+        base = self.base_layer
+        if self.kind is BANK_4BIT:
+            out = base.project(x, p, offsets, counts)
+        else:
+            weight = self.kind.grouped_weight(base, p)
+            out = grouped_mm(x.to(weight.dtype), weight, offsets, counts)
+        bias = self.kind.bias(base, p)
+        if bias is not None and bias_rows is not None:
+            out.add_(bias[bias_rows])
+        if p in self.lora_A:
+            A, B = self.lora_A[p], self.lora_B[p]
+            source = self._dropped(x).to(A.dtype)
+            low = grouped_mm(source, A.transpose(-2, -1), offsets, counts)  # (S, r)
+            update = grouped_mm(low, B.transpose(-2, -1), offsets, counts)  # (S, out)
+            out = out + (update * self.scale[p]).to(out.dtype)
+        return out
+
+    def forward(self, hidden_states: Tensor, *routing: Tensor) -> Tensor:
+        if self.merged:
+            return self.base_layer(hidden_states, *routing)
+        return self._experts_forward(hidden_states, *routing)
 
 
 class LoRARouter(ParameterAdapter):

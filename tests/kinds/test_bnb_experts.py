@@ -1,0 +1,153 @@
+"""4-bit expert banks: bitsandbytes' blocks per expert, the adapted 4-bit bank against float64 maths,
+merge / unmerge, and quantize_model on a MoE model."""
+
+from __future__ import annotations
+
+import copy
+
+import bitsandbytes.functional as F
+import pytest
+import torch
+
+from lora_lightning import LoRAConfig, inject_lora
+from lora_lightning.inject import lora_banks
+from lora_lightning.kinds.bnb_experts import quantize_bank
+from lora_lightning.kinds.experts import BANK
+from lora_lightning.nn.experts import LoRAExperts
+from lora_lightning.nn.experts4bit import Experts4bit
+from lora_lightning.quantize import quantize_model
+from tests.models import token_ids
+from tests.moe_models import bank_reference, routing, tiny_mixtral, tiny_qwen3_moe
+from tests.reference import assert_near
+
+METHODS = [("nf4", False), ("nf4", True), ("fp4", False)]
+
+
+def _bank(layers: int = 1) -> torch.nn.Module:
+    model = tiny_qwen3_moe(layers=layers)
+    return next(m for n, m in model.named_modules() if n.endswith(".experts"))
+
+
+@pytest.mark.parametrize(("quant_type", "double"), METHODS, ids=["nf4", "nf4-dq", "fp4"])
+def test_each_expert_dequantizes_bit_for_bit_to_bitsandbytes_own_blocks(quant_type: str, double: bool) -> None:
+    """Expert e's weight equals bitsandbytes' dequantize_4bit(quantize_4bit(W_e)), the Linear4bit of that expert."""
+    bank = _bank()
+    weights = [BANK.expert_weight(bank, "gate_up_proj", e) for e in range(BANK.num_experts(bank))]
+    quantized = quantize_bank(weights, quant_type, double)
+    assert quantized.codes.dtype == torch.uint8 and quantized.codes.shape == (8, 128 * 64 // 2)
+    for e, weight in enumerate(weights):
+        packed, state = F.quantize_4bit(
+            weight.contiguous(), blocksize=64, quant_type=quant_type, compress_statistics=double
+        )
+        assert torch.equal(quantized.codes[e], packed.view(-1))
+        expected = F.dequantize_4bit(packed, state)
+        assert torch.equal(quantized.dequantize(e), expected)
+        assert not torch.equal(expected, weight)  # 4 bits: a different weight than the original
+
+
+def _quantized_adapter(seed: int = 3) -> tuple[LoRAExperts, Experts4bit]:
+    bank4 = Experts4bit(_bank(), "nf4", double_quant=True)
+    adapter = LoRAExperts(bank4, {"gate_up_proj": (4, 8.0), "down_proj": (4, 8.0)})
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for B in adapter.lora_B.values():
+            B.copy_(torch.randn(B.shape, generator=generator) * 0.1)
+    return adapter, bank4
+
+
+def test_the_4bit_bank_drops_the_dense_weights_and_holds_a_quarter_of_the_bytes() -> None:
+    dense = _bank()
+    dense_bytes = sum(p.numel() * p.element_size() for p in dense.parameters())
+    bank4 = Experts4bit(copy.deepcopy(dense), "nf4", double_quant=True)
+    held = sum(b.nbytes() for b in bank4.banks_4bit.values())
+    assert not any(p.dim() == 3 for p in bank4.parameters()), "no dense bank left"
+    assert held < 0.15 * dense_bytes  # 4 bits of 32, plus block scales
+
+
+def test_the_adapted_4bit_bank_computes_the_float64_maths_on_the_dequantized_weights() -> None:
+    adapter, bank4 = _quantized_adapter()
+    index, weights = routing(12, 8, 2)
+    x = torch.randn(12, 64, requires_grad=True)
+    out = adapter(x, index, weights)
+    # the reference on float64 copies of x and the factors, differentiated through all three
+    x64 = x.detach().double().requires_grad_()
+    A64 = {p: adapter.lora_A[p].detach().double().requires_grad_() for p in adapter.projections}
+    B64 = {p: adapter.lora_B[p].detach().double().requires_grad_() for p in adapter.projections}
+    expected = bank_reference(_Factors64(adapter, A64, B64), x64, index, weights)
+    assert_near(out, expected)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    out.backward(grad)
+    expected.backward(grad.double())
+    assert_near(x.grad, x64.grad)
+    for p in adapter.projections:
+        assert_near(adapter.lora_A[p].grad, A64[p].grad)
+        assert_near(adapter.lora_B[p].grad, B64[p].grad)
+    assert not bank4.dense, "training never forms a dense bank"
+
+
+class _Factors64:
+    """``adapter`` with float64 factors (what bank_reference reads), for the reference's gradients."""
+
+    def __init__(self, adapter: LoRAExperts, A: dict, B: dict) -> None:
+        self.base_layer, self.kind, self.layout = adapter.base_layer, adapter.kind, adapter.layout
+        self.functions, self.num_experts, self.scale = adapter.functions, adapter.num_experts, adapter.scale
+        self.lora_A, self.lora_B = A, B
+
+
+def test_zero_start_is_the_4bit_banks_own_forward_and_merge_unmerge_round_trips() -> None:
+    adapter, bank4 = _quantized_adapter()
+    codes = {p: b.codes.clone() for p, b in bank4.banks_4bit.items()}
+    index, weights = routing(12, 8, 2)
+    x = torch.randn(12, 64)
+    with torch.no_grad():
+        adapted = adapter(x, index, weights)
+        fidelity = adapter.merge(measure=True)
+        merged = adapter(x, index, weights)  # the dense bank with the update in it
+        assert bank4.dense and adapter.merged
+        adapter.unmerge()
+        again = adapter(x, index, weights)
+        for B in adapter.lora_B.values():
+            B.zero_()
+        zero = adapter(x, index, weights)
+        plain = bank4(x, index, weights)
+    error_sq, update_sq = fidelity
+    assert error_sq <= 1e-10 * update_sq
+    assert_near(merged, adapted)
+    assert not bank4.dense and torch.equal(again, adapted)
+    assert all(torch.equal(b.codes, codes[p]) for p, b in bank4.banks_4bit.items()), "codes unchanged"
+    assert torch.equal(zero, plain)
+
+
+def test_quantize_model_makes_the_banks_4bit_and_all_linear_trains_them() -> None:
+    model = tiny_qwen3_moe()
+    routers = {n: m.weight.clone() for n, m in model.named_modules() if n.endswith("mlp.gate")}
+    names = quantize_model(model, "nf4")
+    banks = [n for n in names if n.endswith(".experts")]
+    assert banks == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert all(isinstance(model.get_submodule(n), Experts4bit) for n in banks)
+    assert all(torch.equal(model.get_submodule(n).weight, w) for n, w in routers.items()), "routers stay"
+    ids = token_ids(2, 12)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    inject_lora(model, LoRAConfig(r=4))
+    assert sorted(lora_banks(model)) == banks
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(
+        B.grad is not None and B.grad.abs().sum() > 0 for b in lora_banks(model).values() for B in b.lora_B.values()
+    )
+
+
+def test_a_width_4bit_blocks_cannot_hold_and_int8_banks_are_refused_before_any_change() -> None:
+    model = tiny_mixtral()  # intermediate 96: the down projection's rows are not whole 64-element blocks
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"experts.down_proj has experts of 96 input features, not a multiple of"):
+        quantize_model(model, "nf4")
+    qwen = tiny_qwen3_moe()
+    with pytest.raises(ValueError, match="quantize='int8' cannot hold fused expert banks"):
+        quantize_model(qwen, "int8")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, Experts4bit) for m in qwen.modules())
+    assert quantize_model(qwen, "int8", banks=False)  # the linear layers only, when asked

@@ -21,6 +21,8 @@ nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.sm,cl
 python3 -W ignore benchmarks/step.py --size all-gpu --budget-s "${BUDGET_S:-200}" \
   --variants "${VARIANTS:-floor,peft,lora,dora,peft_dora}" "$@"
 status=$?
+# MoE expert banks (issue 22): 8 of Qwen3-30B-A3B's 48 layers, bf16, 4x2048 tokens: floor, ours, PEFT.
+python3 -W ignore benchmarks/moe.py --sizes gpu-30b-a3b --variants floor,ours,peft --steps 3 --no-check
 # The device has no bitsandbytes: carry its wheel (benchmarks/README.md: pip download into .whl/,
 # run with carry [".whl"]).
 if ls .whl/bitsandbytes-*.whl >/dev/null 2>&1 \

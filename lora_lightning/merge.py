@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lora_lightning.inject import adapted_modules, lora_layers, remove_lora_config, replace_submodule
+from lora_lightning.kinds.experts import is_bank_4bit
 from lora_lightning.nn.experts import is_lora_bank
 from lora_lightning.nn.layers import is_lora_layer
 
@@ -141,9 +142,14 @@ def merge_and_unload(model: nn.Module, fidelity: MergeFidelity | None = None) ->
         figures = model.merge(measure=fidelity is not None)
         if fidelity is not None:
             fidelity.add("", figures)
-        return model.base_layer
+        return _unquantized_bank(model.base_layer)
     merge_lora(model, fidelity)
     for name, layer in adapted_modules(model).items():
-        replace_submodule(model, name, layer.base_layer)
+        replace_submodule(model, name, _unquantized_bank(layer.base_layer))
     remove_lora_config(model)
     return model
+
+
+def _unquantized_bank(base: nn.Module) -> nn.Module:
+    """A merged 4-bit expert bank as the model's own experts module, holding the merged dense weights."""
+    return base.dequantized() if is_bank_4bit(base) else base

@@ -132,12 +132,12 @@ def plan_bank_quantization(model: nn.Module, method: str, keep: Iterable[str] = 
             in_f, out_f = BANK.features(module, p)
             reason = check_quantizable((out_f, in_f), f"{name}.{p}")
             if reason is not None:
-                raise ValueError(f"quantize={method!r}: {reason}; leave the banks unquantized (quantize_banks=False)")
+                raise ValueError(f"quantize={method!r}: {reason}; leave the banks unquantized (banks=False)")
         names.append(name)
     if names and method == "int8":
         raise ValueError(
             f"quantize='int8' cannot hold fused expert banks ({names[0]!r}, ...): bitsandbytes' int8 format is "
-            "a linear layer's; use nf4, nf4-dq or fp4, or leave the banks unquantized (quantize_banks=False)"
+            "a linear layer's; use nf4, nf4-dq or fp4, or leave the banks unquantized (banks=False)"
         )
     return names
 

@@ -143,15 +143,15 @@ def quantize_bank(weights: Sequence[Tensor], quant_type: str, double_quant: bool
 
 
 def bank_bias(module: nn.Module, projection: str) -> Tensor | None:
-    """A 4-bit bank's per-expert bias of ``projection`` (kept on its ``experts`` child), or None."""
-    return getattr(module.experts, f"{projection}_bias", None) if module.layout.has_bias else None
+    """A 4-bit bank's per-expert bias of ``projection`` (kept on its ``inner`` child), or None."""
+    return getattr(module.inner, f"{projection}_bias", None) if module.layout.has_bias else None
 
 
 class Bank4bitKind:
     """How the bank adapter reads and updates an :class:`~lora_lightning.nn.experts4bit.Experts4bit`.
 
     The same questions as :class:`~lora_lightning.kinds.experts.ExpertBank`; the functions (gate,
-    activation, biases, norm) are on its ``experts`` child. Merging dequantizes every expert of a
+    activation, biases, norm) are on its ``inner`` child. Merging dequantizes every expert of a
     projection into ``dense`` (compute dtype) and adds the update there; unmerging drops it, so the
     4-bit codes, never rewritten, come back exactly.
     """
@@ -166,7 +166,7 @@ class Bank4bitKind:
         return module.layout
 
     def functions(self, module: nn.Module) -> nn.Module:
-        return module.experts
+        return module.inner
 
     def bias(self, module: nn.Module, projection: str) -> Tensor | None:
         return bank_bias(module, projection)

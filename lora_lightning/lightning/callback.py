@@ -229,7 +229,9 @@ class LoRACallback(pl.Callback):
         if quantized is not None and quantized() is target and holds_quantized(target):
             return
         plan_targets(target, self.config)  # a config that cannot adapt this model fails before any change
-        quantize_model(target, self.quantize, keep=modules_to_save_names(target, self.config))  # type: ignore[arg-type]
+        # expert banks stay dense here until the fit-end export writes 4-bit banks (quantize_model(banks=True) does it)
+        keep = modules_to_save_names(target, self.config)
+        quantize_model(target, self.quantize, keep=keep, banks=False)  # type: ignore[arg-type]
         self.state.quantized = weakref.ref(target)
 
     def _start_afresh(self, target: nn.Module) -> None:

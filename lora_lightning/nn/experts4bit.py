@@ -1,7 +1,7 @@
 """A fused experts module with its projections in 4 bits: the frozen base of QLoRA on a MoE model.
 
 :class:`Experts4bit` takes the place of a transformers experts module (``Qwen3MoeExperts``, ...):
-it keeps that module as ``experts`` (its activation, ``_apply_gate``, biases, post-expert norm and
+it keeps that module as ``inner`` (its activation, ``_apply_gate``, biases, post-expert norm and
 layout flags) with the 3-D projection parameters removed, and holds each projection as a
 :class:`~lora_lightning.kinds.bnb_experts.Bank4bit` in buffers. Its forward is the experts forward
 of :class:`~lora_lightning.nn.experts.LoRAExperts` without adapters; each projection's GEMM
@@ -95,7 +95,7 @@ class Experts4bit(ExpertsForward, nn.Module):
             views = [stored[e].t() if layout.is_transposed else stored[e] for e in range(self.num_experts)]
             self.quantized[p] = _Packed(quantize_bank(views, quant_type, double_quant))
             delattr(experts, p)  # the dense bank goes; biases, norms and functions stay
-        self.experts = experts
+        self.inner = experts
         self.compute_dtype = compute_dtype or dtype
         self.dense: dict[str, Tensor] = {}  # merged projections, dequantized with the update added
 
@@ -127,7 +127,7 @@ class Experts4bit(ExpertsForward, nn.Module):
     def dequantized(self) -> nn.Module:
         """The transformers experts module back, holding each projection dequantized (merged, if merged)
         as the parameter it had: what an unquantized export writes."""
-        experts = self.experts
+        experts = self.inner
         for p in self.layout.projections:
             dense = self.dense_bank(p)
             stored = dense.transpose(-2, -1) if self.layout.is_transposed else dense
@@ -139,7 +139,7 @@ class Experts4bit(ExpertsForward, nn.Module):
 
     @property
     def functions(self) -> nn.Module:
-        return self.experts
+        return self.inner
 
     def _project(self, x: Tensor, p: str, offsets: Tensor, counts: list[int], bias_rows: Tensor | None) -> Tensor:
         out = self.project(x, p, offsets, counts)

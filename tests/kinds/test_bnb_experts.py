@@ -151,3 +151,26 @@ def test_a_width_4bit_blocks_cannot_hold_and_int8_banks_are_refused_before_any_c
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not any(isinstance(m, Experts4bit) for m in qwen.modules())
     assert quantize_model(qwen, "int8", banks=False)  # the linear layers only, when asked
+
+
+def test_merge_and_unload_gives_the_plain_architecture_back_holding_the_merged_weights() -> None:
+    """The unloaded model's state_dict loads strict into a freshly built base and computes the adapted logits."""
+    from lora_lightning.merge import merge_and_unload
+
+    model = tiny_qwen3_moe()
+    quantize_model(model, "nf4")
+    inject_lora(model, LoRAConfig(r=4))  # every quantized layer adapted, so every one comes back plain
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    ids = token_ids(2, 12)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    merge_and_unload(model)
+    plain = tiny_qwen3_moe(seed=1)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    assert type(plain.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
+    with torch.no_grad():
+        assert_near(plain(input_ids=ids).logits, expected)

@@ -22,6 +22,7 @@ and PEFT with the same factors (``peft_same``) and compares logits and every ada
     python benchmarks/moe.py                         # (a) tiny and (b) Qwen3-30B-A3B widths, 1 thread
     python benchmarks/moe.py --sizes tiny --steps 5
     python benchmarks/moe.py --sizes gpu-30b-a3b --no-check   # (c) on a CUDA device (benchmarks/gpu_all.sh)
+    python benchmarks/moe.py --sizes 30b-a3b-4bit --variants lora_bf16,qlora,peft_qlora --no-check  # (d) QLoRA
 
 Targets (issue 22), at (b): ours' step <= 1.15x the floor's and <= 0.7x PEFT's; the memory ours adds
 over the floor <= 0.25x what PEFT adds; ours equals PEFT to 1e-5 (fp32). At (c), 8 of Qwen3-30B-A3B's 48
@@ -60,6 +61,12 @@ SIZES = {
         "num_hidden_layers": 2, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
         "batch": 1, "seq": 512,
     },
+    # (d) issue 23's CPU shape: bf16 weights (and GEMMs), 1x256 tokens; the QLoRA variants
+    "30b-a3b-4bit": {
+        "hidden_size": 2048, "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+        "num_hidden_layers": 2, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+        "batch": 1, "seq": 256, "dtype": "bfloat16",
+    },
     # (c) on a CUDA device: 8 of the 48 layers, bfloat16
     "gpu-30b-a3b": {
         "hidden_size": 2048, "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
@@ -69,6 +76,9 @@ SIZES = {
 }  # fmt: skip
 VOCAB = 8192
 VARIANTS = ("floor", "ours", "peft", "peft_same")
+# QLoRA on the MoE (issue 23), at size 30b-a3b-4bit: our LoRA on the bf16 banks, ours with every bank and
+# linear layer nf4-dq, PEFT + bitsandbytes (4-bit linear layers, bf16 banks under ParamWrapper)
+QLORA_VARIANTS = ("lora_bf16", "qlora", "peft_qlora")
 
 
 def build(size: str) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -100,11 +110,22 @@ def adapt(variant: str, model: torch.nn.Module, twin_of: torch.nn.Module | None 
         model.requires_grad_(False)
         model.enable_input_require_grads()
         return model
-    if variant == "ours":
+    if variant in ("ours", "lora_bf16", "qlora"):
         from lora_lightning import LoRAConfig, inject_lora
 
+        if variant == "qlora":
+            from lora_lightning.quantize import quantize_model
+
+            quantize_model(model, "nf4-dq")  # every linear layer and expert bank (head, embeddings, routers stay)
         inject_lora(model, LoRAConfig(r=RANK, alpha=RANK))
         return model
+    if variant == "peft_qlora":  # what load_in_4bit gives: 4-bit linear layers, the experts as they were
+        from peft import LoraConfig, get_peft_model
+
+        from lora_lightning.quantize import quantize_model
+
+        quantize_model(model, "nf4-dq", banks=False)
+        return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=RANK, target_modules="all-linear"))
     from peft import LoraConfig, get_peft_model
 
     if variant == "peft":
@@ -162,6 +183,7 @@ def saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
 
 def run_variant(variant: str, size: str, steps: int, threads: int) -> dict:
     torch.set_num_threads(threads)
+    process = shapes.rss_bytes()  # before the model exists
     model, ids = build(size)
     model = adapt(variant, model)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -198,6 +220,7 @@ def run_variant(variant: str, size: str, steps: int, threads: int) -> dict:
         "step_s": statistics.median(times),
         "tokens_per_s": ids.numel() / statistics.median(times),
         "added_peak_mib": (peak - before) / 2**20,
+        "resident_mib": (peak - process) / 2**20 if not cuda else float("nan"),
         "peak_mib": peak / 2**20,
         "saved_mib": saved / 2**20,
         "trainable": sum(p.numel() for p in trainable if variant != "floor"),
@@ -281,7 +304,8 @@ def main() -> None:
         floor = rows.get("floor")
         print(
             f"{'variant':<10} {'step s':>8} {'x floor':>8} {'added peak MiB':>15} {'over floor':>11} "
-            f"{'saved MiB':>10} {'over floor':>11} {'tokens/s':>9} {'peak MiB':>9} {'trainable':>12}"
+            f"{'saved MiB':>10} {'over floor':>11} {'tokens/s':>9} {'peak MiB':>9} {'resident MiB':>13} "
+            f"{'trainable':>12}"
         )
         for name, row in rows.items():
             x = row["step_s"] / floor["step_s"] if floor else float("nan")
@@ -290,6 +314,7 @@ def main() -> None:
             print(
                 f"{name:<10} {row['step_s']:>8.3f} {x:>8.3f} {row['added_peak_mib']:>15.0f} {peak_over:>11.0f} "
                 f"{row['saved_mib']:>10.0f} {saved_over:>11.0f} {row['tokens_per_s']:>9.0f} {row['peak_mib']:>9.0f} "
+                f"{row['resident_mib']:>13.0f} "
                 f"{row['trainable']:>12,d}"
             )
         if floor and "ours" in rows and "peft" in rows:
@@ -317,6 +342,16 @@ def main() -> None:
             for label, value, sense, target in lines:
                 met = value <= target if sense == "<=" else value >= target
                 print(f"  {label:<44} {value:.3f}  ({sense} {target:.2f})  {_ok(met)}")
+        if all(v in rows for v in QLORA_VARIANTS):
+            held = {v: rows[v]["resident_mib"] for v in QLORA_VARIANTS}
+            print("targets (QLoRA; resident = peak RSS over the process before the model was built):")
+            lines = [
+                ("ours QLoRA resident / ours bf16 LoRA", held["qlora"] / held["lora_bf16"], 0.35),
+                ("ours QLoRA resident / PEFT + bitsandbytes", held["qlora"] / held["peft_qlora"], 0.35),
+                ("ours QLoRA step / ours bf16 LoRA step", rows["qlora"]["step_s"] / rows["lora_bf16"]["step_s"], 1.3),
+            ]
+            for label, value, target in lines:
+                print(f"  {label:<44} {value:.3f}  (<= {target:.2f})  {_ok(value <= target)}")
         if not args.no_check:
             check = _worker(["--check-worker", size, "--threads", str(args.threads)])
             if check is not None:

@@ -6,16 +6,19 @@ model only once the plan is complete, so a failed call leaves the model exactly 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from lora_lightning.config import LoRAConfig
 from lora_lightning.kinds import logical_numel
-from lora_lightning.kinds.experts import is_expert_bank
+from lora_lightning.kinds.experts import is_bank_4bit, is_expert_bank
 from lora_lightning.nn.experts import LoRAExperts, LoRARouter, ParameterAdapter, is_lora_bank
 from lora_lightning.nn.layers import LoRAEmbedding, LoRALayer, LoRALinear, adaptable_kind, is_lora_layer
 from lora_lightning.nn.variant_table import variant_for
 from lora_lightning.ops.process_memory import release_mapped_weights
+from lora_lightning.quantize import quantize_banks_like
 from lora_lightning.summary import AdaptedModule, LoRAReport, ParameterSummary, parameter_summary
 from lora_lightning.targets import BankTarget, modules_to_save, plan_adapters
 
@@ -161,14 +164,20 @@ def expert_parameter_counts(model: nn.Module) -> tuple[int, int]:
     wrapped = {id(m.base_layer) for m in model.modules() if isinstance(m, LoRAExperts)}
     total = adapted = 0
     for module in model.modules():
-        if is_expert_bank(module):
+        if is_bank_4bit(module):
+            count = sum(bank.logical_numel() for bank in module.banks_4bit.values())
+            total += count
+            adapted += count if id(module) in wrapped else 0
+        elif is_expert_bank(module):
             count = sum(logical_numel(p) for p in module.parameters(recurse=False))
             total += count
             adapted += count if id(module) in wrapped else 0
     return total, adapted
 
 
-def inject_lora(model: nn.Module, config: LoRAConfig, *, initialize: bool = True) -> LoRAReport:
+def inject_lora(
+    model: nn.Module, config: LoRAConfig, *, initialize: bool = True, quantize_banks: bool | None = None
+) -> LoRAReport:
     """Swap the selected modules for LoRA layers in place and freeze everything else.
 
     Works on the meta device (adapter factors are created where the base weight lives), so a
@@ -183,6 +192,10 @@ def inject_lora(model: nn.Module, config: LoRAConfig, *, initialize: bool = True
         initialize: run the config's init (which, for PiSSA / OLoRA, rewrites the base into the
             residual); False leaves zero factors and the base untouched, for a caller that loads
             the factors (and the base) it had.
+        quantize_banks: quantize the fused expert banks of a Mixture-of-Experts model whose linear
+            layers are bitsandbytes 4-bit (``load_in_4bit``, which leaves the experts in 16 bits) in
+            the same format (:func:`~lora_lightning.quantize.quantize_banks_like`); None: when the
+            model is 4-bit; False: never. The report says how many bytes it saved.
 
     Returns:
         A :class:`LoRAReport` of adapted modules and parameter counts.
@@ -207,6 +220,11 @@ def inject_lora(model: nn.Module, config: LoRAConfig, *, initialize: bool = True
     targets, banks = plan_adapters(model, config)
     for name, module in targets:
         _check_base(name, module)
+    quantized_banks = None
+    if quantize_banks is not False:
+        quantized_banks = quantize_banks_like(model, required=quantize_banks is True)
+        if quantized_banks is not None:  # the banks are other modules now
+            targets, banks = plan_adapters(model, config)
     options = {
         "use_rslora": config.use_rslora,
         "init": config.init_lora_weights if initialize else None,
@@ -242,7 +260,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig, *, initialize: bool = True
         release_mapped_weights(model)
     setattr(model, _CONFIG_ATTR, config)
     mark_trainable(model, config)
-    return lora_report(model, config)
+    report = lora_report(model, config)
+    return dataclasses.replace(report, quantized_banks=quantized_banks) if quantized_banks else report
 
 
 def remove_lora_config(model: nn.Module) -> None:

@@ -142,6 +142,44 @@ def plan_bank_quantization(model: nn.Module, method: str, keep: Iterable[str] = 
     return names
 
 
+def quantize_banks_like(model: nn.Module, *, required: bool = False) -> tuple[int, int, int] | None:
+    """Quantize the dense expert banks of a model whose linear layers are bitsandbytes 4-bit, in their format.
+
+    ``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))`` quantizes
+    ``nn.Linear`` layers only, so a transformers 5 MoE model keeps its experts in 16 bits. Each
+    bank becomes an :class:`~lora_lightning.nn.experts4bit.Experts4bit` with the quant type and
+    double quantization of the model's first ``Linear4bit`` and its compute dtype.
+
+    Args:
+        model: the model; changed in place.
+        required: raise when there is nothing to do (no 4-bit linear layer, or no dense bank);
+            otherwise return None then.
+
+    Returns:
+        ``(banks, bytes before, bytes after)``, or None when nothing was quantized.
+    """
+    linear = next((m for m in model.modules() if Linear4bitKind().claims(m)), None)
+    names = [n for n, m in model.named_modules() if is_expert_bank(m) and not is_bank_4bit(m)]
+    if linear is None or not names:
+        if required:
+            what = "no bitsandbytes 4-bit linear layer to take the format from" if linear is None else "no dense bank"
+            raise ValueError(f"quantize_banks=True: the model has {what}")
+        return None
+    state = linear.weight.quant_state
+    method = state.quant_type + ("-dq" if state.nested else "")
+    plan_bank_quantization(model, "nf4" if method == "nf4-dq" else method)
+    before = after = 0
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        dense = getattr(parent, child)
+        before += sum(p.numel() * p.element_size() for p in dense.parameters(recurse=False) if p.dim() == 3)
+        bank = Experts4bit(dense, state.quant_type, double_quant=state.nested, compute_dtype=linear.compute_dtype)
+        after += sum(b.nbytes() for b in bank.banks_4bit.values())
+        setattr(parent, child, bank)
+    return len(names), before, after
+
+
 def quantize_model(model: nn.Module, method: QuantMethod, keep: Iterable[str] = (), *, banks: bool = True) -> list[str]:
     """Replace the model's ``nn.Linear`` layers by bitsandbytes 4-/8-bit layers, in place, and (4-bit
     methods) its fused expert banks by :class:`~lora_lightning.nn.experts4bit.Experts4bit`.

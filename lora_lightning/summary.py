@@ -10,6 +10,7 @@ from torch import nn
 
 from lora_lightning.config import LoRAConfig
 from lora_lightning.kinds import logical_numel
+from lora_lightning.kinds.experts import is_bank_4bit
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class LoRAReport:
     """Base parameters held in fused expert banks (a Mixture-of-Experts model), adapted or not."""
     adapted_expert_params: int = 0
     """Of those, the ones in banks that carry adapters."""
+    quantized_banks: tuple[int, int, int] | None = None
+    """Expert banks :func:`inject_lora` quantized to 4 bits (a 4-bit model's): (banks, bytes before, bytes after)."""
 
     @property
     def adapter_params(self) -> int:
@@ -94,7 +97,14 @@ class LoRAReport:
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        return f"{self.table()}\n{self.params}"
+        text = f"{self.table()}\n{self.params}"
+        if self.quantized_banks:
+            count, before, after = self.quantized_banks
+            text += (
+                f"\nexpert banks: {count} quantized to 4 bits like the model's linear layers, "
+                f"{before / 2**20:,.1f} MiB -> {after / 2**20:,.1f} MiB"
+            )
+        return text
 
     def hparams(self) -> dict[str, Any]:
         """The config fields a logger records for a run (``lora/r``, ``lora/targets``, ...)."""
@@ -127,6 +137,9 @@ def parameter_summary(model: nn.Module) -> ParameterSummary:
     weight counts the parameters it stands for (two a byte), as in PEFT.
     """
     trainable = total = 0
+    for module in model.modules():  # 4-bit expert banks hold their weights as buffers: frozen parameters
+        if is_bank_4bit(module):
+            total += sum(bank.logical_numel() for bank in module.banks_4bit.values())
     for param in model.parameters():
         count = logical_numel(param)
         total += count

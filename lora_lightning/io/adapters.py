@@ -43,6 +43,7 @@ from lora_lightning.io import peft_format as pf
 from lora_lightning.io.atomic_files import atomic_directory, check_destination, tensors_for_file
 from lora_lightning.io.export import export_merged
 from lora_lightning.io.load_plan import choose_config, plan_load, saved_modules, with_file_dtype
+from lora_lightning.kinds.bnb_experts import projection_order
 from lora_lightning.nn.experts import LoRAExperts
 from lora_lightning.nn.inits import rewrites_base
 from lora_lightning.nn.layers import LoRALinear, adaptable_kind
@@ -132,7 +133,7 @@ def _bank_file_tensors(root: nn.Module, state: dict[str, Tensor]) -> dict[str, T
     """PEFT's file tensors of every adapted bank / router; their keys leave ``state``."""
     tensors = {}
     for name, bank in lora_banks(root).items():
-        order = [n for n, _ in bank.base_layer.named_parameters(recurse=False) if n in bank.projections]
+        order = projection_order(bank.base_layer, bank.projections)
         for p, path in pf.bank_wrapper_paths(name, order).items():
             A, B = pf.bank_to_file(state.pop(f"{name}.lora_A.{p}"), state.pop(f"{name}.lora_B.{p}"))
             tensors[f"{pf.PEFT_PREFIX}{path}.lora_A.weight"] = A

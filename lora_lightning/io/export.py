@@ -33,7 +33,10 @@ from lora_lightning.io.atomic_files import (
     check_destination,
     tensors_for_file,
 )
+from lora_lightning.kinds.bnb_experts import dense_expert
+from lora_lightning.kinds.experts import BANK, ROUTER, ROUTER_PARAMETER, is_bank_4bit
 from lora_lightning.merge import merge_and_unload
+from lora_lightning.nn.experts import is_lora_bank
 from lora_lightning.nn.layers import adaptable_kind, is_lora_layer
 
 SHARD_BYTES = 512 * 2**20  # the host memory one shard of a dequantized export holds at most
@@ -47,8 +50,9 @@ def _is_pretrained_model(model: nn.Module) -> bool:
 
 
 def holds_quantized(model: nn.Module) -> bool:
-    """Whether any layer of ``model`` (adapted or not) is of a kind whose weight is not a plain tensor."""
-    return any((kind := adaptable_kind(m)) is not None and not kind.dense for m in model.modules())
+    """Whether any layer of ``model`` (adapted or not) is of a kind whose weight is not a plain tensor
+    (a bitsandbytes layer, a 4-bit expert bank)."""
+    return any(((kind := adaptable_kind(m)) is not None and not kind.dense) or is_bank_4bit(m) for m in model.modules())
 
 
 def export_merged(
@@ -127,6 +131,10 @@ def _tensors(model: nn.Module) -> Iterator[tuple[str, Producer, Any, str | None]
         if any(name.startswith(prefix) for prefix in skip):
             continue
         dot = f"{name}." if name else ""
+        if is_lora_bank(module) or is_bank_4bit(module):
+            skip.append(dot)
+            yield from _bank_tensors(dot, module)
+            continue
         kind = adaptable_kind(module)
         if is_lora_layer(module) or (kind is not None and not kind.dense):
             skip.append(dot)
@@ -148,6 +156,58 @@ def _tensors(model: nn.Module) -> Iterator[tuple[str, Producer, Any, str | None]
         for leaf, tensor in module.named_buffers(recurse=False, remove_duplicate=False):
             if leaf not in transient:
                 yield f"{dot}{leaf}", (lambda t=tensor: t.detach()), tensor, None
+
+
+def _bank_tensors(dot: str, module: nn.Module) -> Iterator[tuple[str, Producer, Any, str | None]]:
+    """An expert bank's (or router's) tensors as the plain experts module stores them: each adapted
+    projection as every expert's float32 ``W_e + s B_e A_e`` (dequantized first from 4 bits), in the
+    module's storage layout, one projection at a time; the rest (biases, norms) as they are."""
+    adapter = module if is_lora_bank(module) else None
+    base = adapter.base_layer if adapter is not None else module
+    if adapter is not None and adapter.kind is ROUTER:
+        p = ROUTER_PARAMETER
+        weight = ROUTER.stored(base, p)
+        yield f"{dot}{p}", (lambda: _merged_router(adapter)), weight, None
+        held = {p}
+    else:
+        quantized = is_bank_4bit(base)
+        layout = base.layout if quantized else BANK.layout(base)
+        for p in layout.projections:
+            source = base.banks_4bit[p].codes if quantized else BANK.stored(base, p)
+            yield f"{dot}{p}", (lambda p=p, b=base: _merged_bank(b, adapter, p)), source, None
+        held = set(layout.projections)
+        base = base.inner if quantized else base  # the rest of the experts module's tensors
+    for leaf, tensor in base.named_parameters(remove_duplicate=False):
+        if leaf not in held:
+            yield f"{dot}{leaf}", (lambda t=tensor: t.detach()), tensor, None
+    for leaf, tensor in base.named_buffers(remove_duplicate=False):
+        owner, _, last = leaf.rpartition(".")
+        # what state_dict() saves: no public API tells a buffer's persistence (private_names lists this)
+        if last not in base.get_submodule(owner)._non_persistent_buffers_set:
+            yield f"{dot}{leaf}", (lambda t=tensor: t.detach()), tensor, None
+
+
+@torch.no_grad()
+def _merged_bank(base: nn.Module, adapter: nn.Module | None, p: str) -> Tensor:
+    layout = base.layout if is_bank_4bit(base) else BANK.layout(base)
+    experts = []
+    for e in range(_num_experts(base)):
+        weight = dense_expert(base, p, e)
+        if adapter is not None and p in adapter.lora_A:
+            weight.addmm_(adapter.lora_B[p][e].float(), adapter.lora_A[p][e].float(), alpha=adapter.scale[p])
+        experts.append(weight.t() if layout.is_transposed else weight)
+    return torch.stack(experts)
+
+
+@torch.no_grad()
+def _merged_router(adapter: nn.Module) -> Tensor:
+    p = ROUTER_PARAMETER
+    weight = ROUTER.stored(adapter.base_layer, p).float()
+    return weight.addmm(adapter.lora_B[p][0].float(), adapter.lora_A[p][0].float(), alpha=adapter.scale[p])
+
+
+def _num_experts(base: nn.Module) -> int:
+    return base.num_experts if is_bank_4bit(base) else BANK.num_experts(base)
 
 
 def _plain_config(model: nn.Module, dtype: torch.dtype) -> Any:
@@ -207,6 +267,7 @@ def _write_dequantized(model: nn.Module, directory: Path, dtype: torch.dtype | N
     if dtype is None:  # the compute dtype of the (first) quantized layer
         bases = [m.base_layer if is_lora_layer(m) else m for m in model.modules()]
         dtypes = [kind.compute_dtype(b) for b in bases if (kind := adaptable_kind(b)) is not None and not kind.dense]
+        dtypes += [b.compute_dtype for b in model.modules() if is_bank_4bit(b)]
         dtype = dtypes[0] if dtypes else torch.float32
     config = _plain_config(model, dtype) if _is_pretrained_model(model) else None
     plan = _plan(model, config)

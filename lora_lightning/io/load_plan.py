@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from lora_lightning.config import ADAPTER_DTYPES, LoRAConfig
 from lora_lightning.inject import bank_ranks, trains_bias
 from lora_lightning.io import peft_format as pf
-from lora_lightning.kinds.experts import BANK, ROUTER
+from lora_lightning.kinds.bnb_experts import bank_kind, projection_order
+from lora_lightning.kinds.experts import ROUTER
 from lora_lightning.nn.inits import rewrites_base
 from lora_lightning.nn.layers import adaptable_kind
 from lora_lightning.nn.variant_table import roles_of
@@ -120,11 +121,11 @@ def _bank_slots(banks: list[BankTarget], config: LoRAConfig) -> dict[str, _BankS
     """PEFT's wrapper path of each adapted parameter -> what its factors must be."""
     kinds = {}
     for bank in banks:
-        kind = ROUTER if bank.router else BANK
+        kind = ROUTER if bank.router else bank_kind(bank.module)
         if kind.is_meta(bank.module):
             raise ValueError(f"module {bank.name!r} has its weights on the meta device; load the base weights first")
         ranks = bank_ranks(config, bank)
-        order = [n for n, _ in bank.module.named_parameters(recurse=False) if n in bank.projections]
+        order = projection_order(bank.module, bank.projections)
         for p, path in pf.bank_wrapper_paths(bank.name, order).items():
             features = kind.features(bank.module, p)
             kinds[path] = _BankSlot(bank.name, p, kind.num_experts(bank.module), *features, ranks[p][0])

@@ -71,6 +71,10 @@ class Bank4bit:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
+    def logical_numel(self) -> int:
+        """The parameters the bank stands for (every expert's ``out x in``), as a dense bank counts them."""
+        return self.num_experts * self.shape[0] * self.shape[1]
+
     def scales(self, expert: int) -> Tensor:
         """Expert ``expert``'s float32 block scales (second-level dequantized under double quantization)."""
         if not self.nested:
@@ -210,3 +214,18 @@ BANK_4BIT = Bank4bitKind()
 def bank_kind(module: nn.Module) -> ExpertBank | Bank4bitKind:
     """The kind that reads this experts module: 4-bit banks, or dense 3-D parameters."""
     return BANK_4BIT if is_bank_4bit(module) else BANK
+
+
+def projection_order(module: nn.Module, projections: Sequence[str]) -> list[str]:
+    """``projections`` in the order the experts module declares them (PEFT's wrappers nest in that order;
+    a 4-bit bank keeps its layout's order, which is the transformers classes' declaration order)."""
+    if is_bank_4bit(module):
+        return [p for p in module.layout.projections if p in projections]
+    return [n for n, _ in module.named_parameters(recurse=False) if n in projections]
+
+
+def dense_expert(module: nn.Module, projection: str, expert: int) -> Tensor:
+    """A float32 copy of one expert's ``(out, in)`` weight, dense or dequantized from 4 bits."""
+    if is_bank_4bit(module):
+        return module.banks_4bit[projection].dequantize(expert).float()
+    return BANK.expert_weight(module, projection, expert).float()

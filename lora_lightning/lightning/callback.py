@@ -209,7 +209,11 @@ class LoRACallback(pl.Callback):
                 self._start_afresh(target)
         if self.quantize is not None and not adapted_modules(target):
             self._quantize(target)
-        self.report = inject_lora(target, self.config)
+        report = inject_lora(target, self.config)
+        if report.quantized_banks is None and self.report is not None and self.report.quantized_banks:
+            # a later stage's injection is a no-op: what the first one quantized stays on record
+            report = dataclasses.replace(report, quantized_banks=self.report.quantized_banks)
+        self.report = report
         prefix = self._prefix()
         # What belongs to the adapter (factors, trained biases, modules_to_save; lora_A too under
         # LoRA-FA, where it is frozen but still part of the adapter) is what checkpoints keep;
@@ -229,9 +233,7 @@ class LoRACallback(pl.Callback):
         if quantized is not None and quantized() is target and holds_quantized(target):
             return
         plan_targets(target, self.config)  # a config that cannot adapt this model fails before any change
-        # expert banks stay dense here until the fit-end export writes 4-bit banks (quantize_model(banks=True) does it)
-        keep = modules_to_save_names(target, self.config)
-        quantize_model(target, self.quantize, keep=keep, banks=False)  # type: ignore[arg-type]
+        quantize_model(target, self.quantize, keep=modules_to_save_names(target, self.config))  # type: ignore[arg-type]
         self.state.quantized = weakref.ref(target)
 
     def _start_afresh(self, target: nn.Module) -> None:

@@ -20,7 +20,15 @@ from torch import Tensor, nn
 
 from lora_lightning.config import LoRAConfig
 from lora_lightning.inject import adapted_modules, inject_lora, replace_submodule
-from lora_lightning.kinds.experts import DOWN, GATED_UP, PLAIN_UP, ROUTER_PARAMETER, is_expert_bank, is_router
+from lora_lightning.kinds.experts import (
+    DOWN,
+    GATED_UP,
+    PLAIN_UP,
+    ROUTER_PARAMETER,
+    is_bank_4bit,
+    is_expert_bank,
+    is_router,
+)
 from lora_lightning.lightning.checkpoint_record import base_fingerprint, compare_fingerprints
 from lora_lightning.nn.experts import is_lora_bank
 from lora_lightning.nn.layers import adaptable_kind
@@ -39,6 +47,8 @@ def _stored_weights(model: nn.Module, names: Iterable[str]) -> list[tuple[str, T
         kind = adaptable_kind(module)
         if kind is not None:
             found.append((name, kind.stored_weight(module)))
+        elif is_bank_4bit(module):  # merged: the dense bank; else its codes
+            found += [(f"{name}.{p}", module.dense.get(p, b.codes)) for p, b in module.banks_4bit.items()]
         elif is_expert_bank(module) or is_router(module):
             own = dict(module.named_parameters(recurse=False))
             found += [(f"{name}.{p}", own[p]) for p in (GATED_UP, PLAIN_UP, DOWN, ROUTER_PARAMETER) if p in own]

@@ -151,26 +151,95 @@ def test_a_width_4bit_blocks_cannot_hold_and_int8_banks_are_refused_before_any_c
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not any(isinstance(m, Experts4bit) for m in qwen.modules())
     assert quantize_model(qwen, "int8", banks=False)  # the linear layers only, when asked
+    four_bit = tiny_qwen3_moe()
+    quantize_model(four_bit, "nf4")
+    with pytest.raises(ValueError, match="expert bank 'model.layers.0.mlp.experts' is already 4-bit"):
+        quantize_model(four_bit, "nf4")
+
+
+def _trained_4bit(method: str, config: LoRAConfig):
+    """A tiny Qwen3-MoE quantized with ``method``, adapted, B random: the model, ids, and its logits."""
+    model = tiny_qwen3_moe()
+    quantize_model(model, method)
+    inject_lora(model, config)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+        ids = token_ids(2, 12)
+        return model, ids, model(input_ids=ids).logits
 
 
 def test_merge_and_unload_gives_the_plain_architecture_back_holding_the_merged_weights() -> None:
     """The unloaded model's state_dict loads strict into a freshly built base and computes the adapted logits."""
     from lora_lightning.merge import merge_and_unload
 
-    model = tiny_qwen3_moe()
-    quantize_model(model, "nf4")
-    inject_lora(model, LoRAConfig(r=4))  # every quantized layer adapted, so every one comes back plain
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    ids = token_ids(2, 12)
-    with torch.no_grad():
-        expected = model(input_ids=ids).logits
+    # every quantized layer adapted, so every one comes back plain
+    model, ids, expected = _trained_4bit("nf4", LoRAConfig(r=4))
     merge_and_unload(model)
     plain = tiny_qwen3_moe(seed=1)
     plain.load_state_dict(model.state_dict(), strict=True)
     assert type(plain.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
     with torch.no_grad():
         assert_near(plain(input_ids=ids).logits, expected)
+
+
+def test_export_merged_of_a_4bit_moe_model_loads_in_plain_transformers(tmp_path) -> None:
+    """Written tensor by tensor (each bank dequantized with its update added), no bitsandbytes needed to load."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_lightning import export_merged
+
+    # k, v, o stay 4-bit, unadapted
+    model, ids, expected = _trained_4bit("nf4-dq", LoRAConfig(r=4, target_modules=["experts", "q_proj"]))
+    directory = export_merged(model, tmp_path / "merged")
+    assert "quantization_config" not in (directory / "config.json").read_text()
+    plain = AutoModelForCausalLM.from_pretrained(directory).eval()
+    assert type(plain.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
+    with torch.no_grad():
+        assert_near(plain(input_ids=ids).logits, expected)
+
+
+def _loaded_in_4bit(tmp_path, double_quant: bool):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_qwen3_moe().save_pretrained(tmp_path / "base")
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    return AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=config, device_map={"": "cpu"})
+
+
+def test_a_model_loaded_in_4bit_gets_its_banks_quantized_at_injection_in_its_format(tmp_path) -> None:
+    model = _loaded_in_4bit(tmp_path, double_quant=True)
+    experts = model.model.layers[0].mlp.experts
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    assert experts.gate_up_proj.dtype == torch.float32, "transformers leaves the fused experts unquantized"
+    dense = experts.gate_up_proj.detach().clone()
+    report = inject_lora(model, LoRAConfig(r=4))
+    count, before, after = report.quantized_banks
+    assert count == 2 and after < 0.15 * before
+    assert "expert banks: 2 quantized to 4 bits like the model's linear layers" in str(report)
+    banks = lora_banks(model)
+    bank4 = banks["model.layers.0.mlp.experts"].base_layer
+    assert isinstance(bank4, Experts4bit) and bank4.banks_4bit["gate_up_proj"].nested
+    packed, state = F.quantize_4bit(dense[3].contiguous(), blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(bank4.banks_4bit["gate_up_proj"].dequantize(3), F.dequantize_4bit(packed, state))
+    ids = token_ids(2, 12)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(B.grad is not None for b in banks.values() for B in b.lora_B.values())
+
+
+def test_quantize_banks_false_leaves_them_and_true_needs_a_4bit_model(tmp_path) -> None:
+    model = _loaded_in_4bit(tmp_path, double_quant=False)
+    report = inject_lora(model, LoRAConfig(r=4), quantize_banks=False)
+    assert report.quantized_banks is None
+    assert not any(isinstance(m, Experts4bit) for m in model.modules())
+    plain = tiny_qwen3_moe()
+    with pytest.raises(ValueError, match="quantize_banks=True: the model has no bitsandbytes 4-bit linear layer"):
+        inject_lora(plain, LoRAConfig(r=4), quantize_banks=True)
+    assert not lora_banks(plain)

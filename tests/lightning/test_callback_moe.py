@@ -66,3 +66,39 @@ def test_fit_end_merges_the_banks_back_into_the_models_experts(tmp_path: Path) -
         moved = module.model(input_ids=ids).logits
         untrained = tiny_qwen3_moe()(input_ids=ids).logits
     assert not torch.allclose(moved, untrained), "the merged experts carry what training changed"
+
+
+def _fit_4bit(tmp_path: Path, epochs: int, resume: str | None = None, **options) -> tuple[MoECausalLM, LoRACallback]:
+    module = MoECausalLM()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)
+    callback = LoRACallback(r=4, alpha=8, module="model", quantize="nf4", **options)
+    trainer = _trainer(tmp_path, [callback, checkpoint], max_epochs=epochs, enable_checkpointing=True)
+    trainer.fit(module, token_data(n=16), ckpt_path=resume)
+    return module, callback
+
+
+def test_quantize_makes_the_banks_4bit_trains_resumes_exactly_and_exports_unquantized(tmp_path: Path) -> None:
+    """QLoRA on the MoE: the banks are 4-bit under the adapters, resume is bit-exact, and the fit-end
+    export (each bank dequantized with its update) loads in plain transformers with the trained logits."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_lightning.nn.experts4bit import Experts4bit
+
+    full, callback = _fit_4bit(tmp_path / "full", epochs=2, merge_on_fit_end=False, export_dir=tmp_path / "export")
+    banks = lora_banks(full.model)
+    assert banks and all(isinstance(b.base_layer, Experts4bit) for n, b in banks.items() if n.endswith("experts"))
+    trained = _bank_state(full)
+    ids = token_data(n=8).dataset.tensors[0][:2]
+    with torch.no_grad():
+        expected = full.model(input_ids=ids).logits
+    plain = AutoModelForCausalLM.from_pretrained(callback.export_paths["merged"]).eval()
+    assert type(plain.model.layers[0].mlp.experts).__name__ == "Qwen3MoeExperts"
+    with torch.no_grad():
+        got = plain(input_ids=ids).logits
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+    _fit_4bit(tmp_path / "first", epochs=1, merge_on_fit_end=False)
+    first = sorted((tmp_path / "first" / "ckpt").glob("*.ckpt"))[0]
+    resumed, _ = _fit_4bit(tmp_path / "first", epochs=2, resume=str(first), merge_on_fit_end=False)
+    after = _bank_state(resumed)
+    assert all(torch.equal(after[k], trained[k]) for k in trained), "resume is bit-exact"

@@ -57,6 +57,13 @@ def quant_fields(cfg: DictConfig) -> dict[str, Any] | None:
     return dict(OmegaConf.to_container(quant, resolve=True)) if quant and quant.get("method") else None  # type: ignore[arg-type]
 
 
+def _quant_record(cfg: DictConfig, method: Method) -> dict[str, Any] | None:
+    """``cfg.quant`` and, on a MoE base, the expert banks quantized at injection with their bytes."""
+    fields = quant_fields(cfg)
+    banks = method.quantized_banks()
+    return {**fields, "expert_banks": banks} if fields is not None and banks else fields
+
+
 def optim_fields(cfg: DictConfig) -> dict[str, Any]:
     """``cfg.optim`` as a plain dict (CausalLMModule's fields plus the callback's lr_ratio_B)."""
     return dict(OmegaConf.to_container(cfg.optim, resolve=True))  # type: ignore[arg-type]
@@ -207,7 +214,7 @@ def _run(cfg: DictConfig, output_dir: Path, start: float) -> float:
             val_loss=after["val/loss"],
             val_ppl=_metric(after, "val/ppl"),
             merged_val_ppl=None,
-            quant=quant_fields(cfg),
+            quant=_quant_record(cfg, method),
             merge_fidelity=method.merge_fidelity(),
             sample=None,
             base_sample=base_sample,

@@ -109,6 +109,14 @@ class Method:
             **experts,
         }
 
+    def quantized_banks(self) -> dict[str, int] | None:
+        """The expert banks the injection quantized to 4 bits (a 4-bit MoE base), and their bytes."""
+        report = self.callback.report if isinstance(self.callback, LoRACallback) else None
+        if report is None or not report.quantized_banks:
+            return None
+        count, before, after = report.quantized_banks
+        return {"banks": count, "bytes_before": before, "bytes_after": after}
+
     def export_paths(self) -> dict[str, Path]:
         """What the fit exported: ``adapter`` and ``merged`` for LoRA, ``model`` for full fine-tuning."""
         return dict(self.callback.export_paths or {})

@@ -138,7 +138,7 @@ def print_recap(summary: JobSummary) -> None:
             (
                 "experts",
                 f"{experts:,d} params ({100 * experts / counts['total']:.1f}% of the model) in expert banks, "
-                f"{100 * adapted / experts:.0f}% of them adapted",
+                f"{100 * adapted / experts:.0f}% of them adapted{_banks_4bit(summary.quant)}",
             )
         )
     if full:
@@ -170,3 +170,10 @@ def print_recap(summary: JobSummary) -> None:
     out.print("[bold]lora-lightning: done[/bold]")
     for label, value in rows:
         out.print(f"  [bold]{label.ljust(width)}[/bold]  {escape(value)}", soft_wrap=True)
+
+
+def _banks_4bit(quant: dict[str, Any] | None) -> str:
+    banks = (quant or {}).get("expert_banks")
+    if not banks:
+        return ""
+    return f", 4-bit ({banks['bytes_before'] / 2**20:,.1f} -> {banks['bytes_after'] / 2**20:,.1f} MiB)"

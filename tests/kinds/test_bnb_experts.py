@@ -243,3 +243,20 @@ def test_quantize_banks_false_leaves_them_and_true_needs_a_4bit_model(tmp_path) 
     with pytest.raises(ValueError, match="quantize_banks=True: the model has no bitsandbytes 4-bit linear layer"):
         inject_lora(plain, LoRAConfig(r=4), quantize_banks=True)
     assert not lora_banks(plain)
+
+
+def test_an_adapter_trained_over_4bit_banks_is_the_bf16_models_adapter(tmp_path) -> None:
+    """The same PEFT target_parameters file: it loads onto the unquantized base, factor for factor."""
+    from lora_lightning import load_adapter, save_adapter
+
+    model, _, _ = _trained_4bit("nf4-dq", LoRAConfig(r=4, alpha=8))
+    directory = save_adapter(model, tmp_path / "adapter")
+    dense = tiny_qwen3_moe()
+    load_adapter(dense, directory)
+    ours, theirs = lora_banks(model), lora_banks(dense)
+    assert sorted(ours) == sorted(theirs)
+    for name, bank in ours.items():
+        assert not isinstance(theirs[name].base_layer, Experts4bit)
+        for p in bank.projections:
+            assert torch.equal(bank.lora_A[p], theirs[name].lora_A[p])
+            assert torch.equal(bank.lora_B[p], theirs[name].lora_B[p])

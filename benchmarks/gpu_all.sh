@@ -36,6 +36,8 @@ if ls .whl/bitsandbytes-*.whl >/dev/null 2>&1 \
   # QLoRA at the Llama-3-8B shape (1x2048 tokens, nf4 double quant, bf16 compute, gradient
   # checkpointing): ours against PEFT + bitsandbytes.
   python3 -W ignore benchmarks/qlora.py --size 8b --variants qlora,qlora_chunked,peft_qlora,lora_bf16 --steps 5 --cache /tmp
+  # QLoRA on the MoE (issue 23): the whole Qwen3-30B-A3B shape, nf4 double quant, bf16, checkpointing, 1x2048.
+  python3 -W ignore benchmarks/moe.py --sizes gpu-30b-a3b-4bit --variants qlora,peft_qlora --steps 3 --no-check
   # The longest sequence one step fits in 24 GiB: ours with the chunked loss, without, PEFT + bitsandbytes.
   python3 -W ignore benchmarks/context.py --size 8b --budget-gib 24 --cache /tmp
 else

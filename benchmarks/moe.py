@@ -67,6 +67,13 @@ SIZES = {
         "num_hidden_layers": 2, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
         "batch": 1, "seq": 256, "dtype": "bfloat16",
     },
+    # (e) issue 23 on a CUDA device: the whole Qwen3-30B-A3B shape, random weights quantized on the device,
+    # bf16 compute, gradient checkpointing, 1x2048 tokens (qlora, peft_qlora)
+    "gpu-30b-a3b-4bit": {
+        "hidden_size": 2048, "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+        "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+        "batch": 1, "seq": 2048, "device": "cuda", "dtype": "bfloat16", "checkpointing": True,
+    },
     # (c) on a CUDA device: 8 of the 48 layers, bfloat16
     "gpu-30b-a3b": {
         "hidden_size": 2048, "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
@@ -87,6 +94,7 @@ def build(size: str) -> tuple[torch.nn.Module, torch.Tensor]:
     spec = dict(SIZES[size])
     batch, seq = spec.pop("batch"), spec.pop("seq")
     device, dtype = torch.device(spec.pop("device", "cpu")), getattr(torch, spec.pop("dtype", "float32"))
+    checkpointing = spec.pop("checkpointing", False)
     config = Qwen3MoeConfig(vocab_size=VOCAB, intermediate_size=4 * spec["hidden_size"], **spec)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
@@ -100,6 +108,8 @@ def build(size: str) -> tuple[torch.nn.Module, torch.Tensor]:
         for module in model.modules():  # routers drawn wider than the init, so tokens spread over experts
             if type(module).__name__.endswith("TopKRouter"):
                 module.weight.normal_(0, 0.5)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
     return model, ids
 
@@ -183,6 +193,15 @@ def saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
 
 def run_variant(variant: str, size: str, steps: int, threads: int) -> dict:
     torch.set_num_threads(threads)
+    import contextlib
+    import importlib
+
+    for library in ("transformers", "peft", "lora_lightning.quantize", "bitsandbytes"):
+        # every variant's libraries loaded first, so "resident" counts the model's memory (the device has
+        # no bitsandbytes unless its wheel is carried)
+        with contextlib.suppress(ImportError):
+            importlib.import_module(library)
+
     process = shapes.rss_bytes()  # before the model exists
     model, ids = build(size)
     model = adapt(variant, model)
@@ -227,9 +246,15 @@ def run_variant(variant: str, size: str, steps: int, threads: int) -> dict:
     }
 
 
-def run_check(size: str, threads: int) -> dict:
-    """Ours and PEFT (our targets, our factors, B random) on the same base: logits and adapter gradients."""
+def run_check(size: str, threads: int, layers: int | None = None, float64: bool = False) -> dict:
+    """Ours and PEFT (our targets, our factors, B random) on the same base: logits and adapter gradients.
+
+    ``float64``: also ours in float64 (a copy), which decides how far each float32 side is from the
+    exact values; ``layers`` overrides the size's layer count (the float64 copy doubles the memory).
+    """
     torch.set_num_threads(threads)
+    if layers is not None:
+        SIZES[size] = {**SIZES[size], "num_hidden_layers": layers}
     base, ids = build(size)
     ours = adapt("ours", copy.deepcopy(base))
     with torch.no_grad():
@@ -237,10 +262,14 @@ def run_check(size: str, threads: int) -> dict:
         for name, param in ours.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
+    exact = copy.deepcopy(ours).double() if float64 else None
     theirs = adapt("peft_same", base, twin_of=ours)
     out, ref = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
     (out.square().mean()).backward()
     (ref.square().mean()).backward()
+    if exact is not None:
+        truth = exact(input_ids=ids).logits
+        truth.square().mean().backward()
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
@@ -248,6 +277,8 @@ def run_check(size: str, threads: int) -> dict:
     from lora_lightning.inject import lora_banks
 
     inner, worst = theirs.base_model.model, 0.0
+    to_exact = {"ours": 0.0, "peft": 0.0}
+    exact_banks = lora_banks(exact) if exact is not None else {}
     for name, bank in lora_banks(ours).items():
         module = inner.get_submodule(name)
         while hasattr(module, "parameter_name"):
@@ -256,8 +287,20 @@ def run_check(size: str, threads: int) -> dict:
             gA = module.lora_A["default"].weight.grad.reshape(experts, rank, -1)
             gB = module.lora_B["default"].weight.grad.reshape(-1, rank, experts).permute(2, 0, 1)
             worst = max(worst, rel(bank.lora_A[p].grad, gA), rel(bank.lora_B[p].grad, gB))
+            if exact is not None:
+                tA, tB = exact_banks[name].lora_A[p].grad, exact_banks[name].lora_B[p].grad
+                to_exact["ours"] = max(to_exact["ours"], rel(bank.lora_A[p].grad, tA), rel(bank.lora_B[p].grad, tB))
+                to_exact["peft"] = max(to_exact["peft"], rel(gA, tA), rel(gB, tB))
             module = module.base_layer
-    return {"logits_rel": rel(out, ref), "bank_grad_rel": worst}
+    result = {"logits_rel": rel(out, ref), "bank_grad_rel": worst}
+    if exact is not None:
+        result.update(
+            ours_logits_to_float64=rel(out, truth),
+            peft_logits_to_float64=rel(ref, truth),
+            ours_grads_to_float64=to_exact["ours"],
+            peft_grads_to_float64=to_exact["peft"],
+        )
+    return result
 
 
 def _worker(args: list[str]) -> dict | None:
@@ -275,6 +318,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-check", action="store_true")
+    parser.add_argument(
+        "--check64-layers", type=int, help="also run the check with a float64 copy of ours, at this many layers"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--check-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -283,7 +329,9 @@ def main() -> None:
         print(json.dumps(run_variant(variant, size, args.steps, args.threads)))
         return
     if args.check_worker:
-        print(json.dumps(run_check(args.check_worker, args.threads)))
+        size, _, layers = args.check_worker.partition(":")
+        kind = {"layers": int(layers), "float64": True} if layers else {}
+        print(json.dumps(run_check(size, args.threads, **kind)))
         return
     print(f"# benchmarks/moe.py --sizes {args.sizes} --steps {args.steps} --threads {args.threads}")
     print(f"# {shapes.versions()} | load average before: {os.getloadavg()[0]:.2f}")
@@ -342,7 +390,17 @@ def main() -> None:
             for label, value, sense, target in lines:
                 met = value <= target if sense == "<=" else value >= target
                 print(f"  {label:<44} {value:.3f}  ({sense} {target:.2f})  {_ok(met)}")
-        if all(v in rows for v in QLORA_VARIANTS):
+        if spec.get("device") == "cuda" and "qlora" in rows:
+            qlora = rows["qlora"]
+            print("targets (QLoRA on the device):")
+            peak_gib = qlora["peak_mib"] / 1024
+            print(f"  {'ours QLoRA peak GiB':<44} {peak_gib:.2f}  (<= 22.00)  {_ok(peak_gib <= 22)}")
+            if "peft_qlora" in rows:
+                ratio = qlora["tokens_per_s"] / rows["peft_qlora"]["tokens_per_s"]
+                print(f"  {'ours tokens/s / PEFT + bitsandbytes':<44} {ratio:.3f}  (>= 1.00)  {_ok(ratio >= 1.0)}")
+            else:
+                print("  PEFT + bitsandbytes: no row (it did not fit or failed; its error is above)")
+        elif all(v in rows for v in QLORA_VARIANTS):
             held = {v: rows[v]["resident_mib"] for v in QLORA_VARIANTS}
             print("targets (QLoRA; resident = peak RSS over the process before the model was built):")
             lines = [
@@ -352,6 +410,15 @@ def main() -> None:
             ]
             for label, value, target in lines:
                 print(f"  {label:<44} {value:.3f}  (<= {target:.2f})  {_ok(value <= target)}")
+        if args.check64_layers:
+            check = _worker(["--check-worker", f"{size}:{args.check64_layers}", "--threads", str(args.threads)])
+            if check is not None:
+                print(
+                    f"check with float64 ({args.check64_layers} layer(s)): ours vs PEFT logits "
+                    f"{check['logits_rel']:.2e}, bank gradients {check['bank_grad_rel']:.2e}; to float64: ours "
+                    f"{check['ours_logits_to_float64']:.2e} / {check['ours_grads_to_float64']:.2e}, PEFT "
+                    f"{check['peft_logits_to_float64']:.2e} / {check['peft_grads_to_float64']:.2e} (logits / gradients)"
+                )
         if not args.no_check:
             check = _worker(["--check-worker", size, "--threads", str(args.threads)])
             if check is not None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lora_lightning.kinds.bnb import bnb
+from lora_lightning.kinds.bnb import DEQUANT_CHUNK, bnb
 from lora_lightning.kinds.experts import BANK, ExpertBank, Layout, is_bank_4bit
 
 BLOCKSIZE = 64  # bitsandbytes' default 4-bit block (what Linear4bit uses)
@@ -87,21 +87,32 @@ class Bank4bit:
 
     def dequantize(self, expert: int, out: Tensor | None = None) -> Tensor:
         """Expert ``expert``'s ``(out, in)`` weight: bitsandbytes' ``dequantize_4bit`` of its blocks, in
-        the dtype it was quantized from, written into ``out`` (any float dtype, reused) when given."""
+        the dtype it was quantized from, written into ``out`` (any float dtype, reused) when given.
+
+        Into ``out`` it goes a band of rows at a time (blocks never straddle rows: ``in`` is a multiple
+        of the block), so no weight-sized float32 temporary is made per call: freed and reallocated
+        thousands of times a step, those land in the heap and the resident set grows
+        (:func:`~lora_lightning.ops.lora_linear.scratch`).
+        """
         op = torch.ops.bitsandbytes.dequantize_4bit.default
-        values = op(
-            self.codes[expert].view(-1, 1),
-            self.scales(expert).float(),
-            BLOCKSIZE,
-            self.quant_type,
-            list(self.shape),
-            torch.float32,
-        )
-        if self.dtype != torch.float32:
-            values = values.to(self.dtype)
+        rows, cols = self.shape
+        codes, scales = self.codes[expert], self.scales(expert).float()
         if out is None:
-            return values
-        return out.copy_(values)
+            values = op(codes.view(-1, 1), scales, BLOCKSIZE, self.quant_type, [rows, cols], torch.float32)
+            return values if self.dtype == torch.float32 else values.to(self.dtype)
+        band = max(1, (DEQUANT_CHUNK // 8) // cols)
+        for start in range(0, rows, band):
+            stop = min(rows, start + band)
+            part = op(
+                codes[start * cols // 2 : stop * cols // 2].view(-1, 1),
+                scales[start * cols // BLOCKSIZE : stop * cols // BLOCKSIZE],
+                BLOCKSIZE,
+                self.quant_type,
+                [stop - start, cols],
+                torch.float32,
+            )
+            out[start:stop].copy_(part if self.dtype == torch.float32 else part.to(self.dtype))
+        return out
 
 
 def check_quantizable(weight_shape: tuple[int, int], name: str) -> str | None:
@@ -122,27 +133,35 @@ def quantize_bank(weights: Sequence[Tensor], quant_type: str, double_quant: bool
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {', '.join(QUANT_TYPES)}, got {quant_type!r}")
     F = bnb().functional
-    codes, absmax, absmax2, offsets, code2 = [], [], [], [], None
-    for expert in weights:
+    first = weights[0]
+    experts, (out_f, in_f) = len(weights), first.shape
+    codes = absmax = absmax2 = offsets = code2 = None
+    for e, expert in enumerate(weights):  # into tensors made once: no per-expert pieces left in the heap
         packed, state = F.quantize_4bit(
             expert.contiguous(), blocksize=BLOCKSIZE, quant_type=quant_type, compress_statistics=double_quant
         )
-        codes.append(packed.view(-1))
-        absmax.append(state.absmax)
+        if codes is None:
+            codes = packed.new_empty(experts, packed.numel())
+            absmax = state.absmax.new_empty(experts, state.absmax.numel())
+            if double_quant:
+                absmax2 = state.state2.absmax.new_empty(experts, state.state2.absmax.numel())
+                offsets = torch.empty(experts, dtype=torch.float32, device=expert.device)
+                code2 = state.state2.code
+        codes[e] = packed.view(-1)
+        absmax[e] = state.absmax
         if double_quant:
-            absmax2.append(state.state2.absmax)
-            offsets.append(torch.as_tensor(state.offset, dtype=torch.float32, device=expert.device).reshape(()))
-            code2 = state.state2.code
-    first = weights[0]
+            absmax2[e] = state.state2.absmax
+            offsets[e] = torch.as_tensor(state.offset, dtype=torch.float32)
+        del packed, state
     return Bank4bit(
-        codes=torch.stack(codes),
-        absmax=torch.stack(absmax),
+        codes=codes,
+        absmax=absmax,
         quant_type=quant_type,
-        shape=(first.shape[0], first.shape[1]),
+        shape=(out_f, in_f),
         dtype=first.dtype,
-        absmax2=torch.stack(absmax2) if double_quant else None,
+        absmax2=absmax2,
         code2=code2,
-        offset=torch.stack(offsets) if double_quant else None,
+        offset=offsets,
     )
 
 

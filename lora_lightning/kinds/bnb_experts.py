@@ -23,10 +23,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lora_lightning.kinds.bnb import DEQUANT_CHUNK, bnb
+from lora_lightning.kinds.bnb import bnb
 from lora_lightning.kinds.experts import BANK, ExpertBank, Layout, is_bank_4bit
 
 BLOCKSIZE = 64  # bitsandbytes' default 4-bit block (what Linear4bit uses)
+# elements dequantized at a time into a caller's buffer: a 1-2 MiB temporary (measured on the CPU at
+# 1536 x 2048: 0.8 ms an expert, against 1.0 ms whole and 1.4 ms in 128K bands)
+BAND = 1 << 19
 QUANT_TYPES = ("nf4", "fp4")
 
 
@@ -97,10 +100,9 @@ class Bank4bit:
         op = torch.ops.bitsandbytes.dequantize_4bit.default
         rows, cols = self.shape
         codes, scales = self.codes[expert], self.scales(expert).float()
-        if out is None:
-            values = op(codes.view(-1, 1), scales, BLOCKSIZE, self.quant_type, [rows, cols], torch.float32)
-            return values if self.dtype == torch.float32 else values.to(self.dtype)
-        band = max(1, (DEQUANT_CHUNK // 8) // cols)
+        if out is None:  # what bitsandbytes' dequantize_4bit asks its op for: the original dtype
+            return op(codes.view(-1, 1), scales, BLOCKSIZE, self.quant_type, [rows, cols], self.dtype)
+        band = max(1, BAND // cols)
         for start in range(0, rows, band):
             stop = min(rows, start + band)
             part = op(
@@ -109,9 +111,9 @@ class Bank4bit:
                 BLOCKSIZE,
                 self.quant_type,
                 [stop - start, cols],
-                torch.float32,
+                self.dtype,
             )
-            out[start:stop].copy_(part if self.dtype == torch.float32 else part.to(self.dtype))
+            out[start:stop].copy_(part)
         return out
 
 

@@ -11,6 +11,7 @@ import torch
 
 from lora_lightning import LoRAConfig, inject_lora
 from lora_lightning.inject import lora_banks
+from lora_lightning.kinds import bnb_experts
 from lora_lightning.kinds.bnb_experts import quantize_bank
 from lora_lightning.kinds.experts import BANK
 from lora_lightning.nn.experts import LoRAExperts
@@ -28,10 +29,15 @@ def _bank(layers: int = 1) -> torch.nn.Module:
     return next(m for n, m in model.named_modules() if n.endswith(".experts"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize(("quant_type", "double"), METHODS, ids=["nf4", "nf4-dq", "fp4"])
-def test_each_expert_dequantizes_bit_for_bit_to_bitsandbytes_own_blocks(quant_type: str, double: bool) -> None:
-    """Expert e's weight equals bitsandbytes' dequantize_4bit(quantize_4bit(W_e)), the Linear4bit of that expert."""
-    bank = _bank()
+def test_each_expert_dequantizes_bit_for_bit_to_bitsandbytes_own_blocks(
+    quant_type: str, double: bool, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Expert e's weight equals bitsandbytes' dequantize_4bit(quantize_4bit(W_e)), the Linear4bit of that
+    expert, whole and written band by band into a buffer of another dtype."""
+    monkeypatch.setattr(bnb_experts, "BAND", 24 * 64)  # 24 rows a band: 6 bands, the last one short
+    bank = _bank().to(dtype)
     weights = [BANK.expert_weight(bank, "gate_up_proj", e) for e in range(BANK.num_experts(bank))]
     quantized = quantize_bank(weights, quant_type, double)
     assert quantized.codes.dtype == torch.uint8 and quantized.codes.shape == (8, 128 * 64 // 2)
@@ -41,7 +47,9 @@ def test_each_expert_dequantizes_bit_for_bit_to_bitsandbytes_own_blocks(quant_ty
         )
         assert torch.equal(quantized.codes[e], packed.view(-1))
         expected = F.dequantize_4bit(packed, state)
-        assert torch.equal(quantized.dequantize(e), expected)
+        assert expected.dtype == dtype and torch.equal(quantized.dequantize(e), expected)
+        buffer = torch.empty(expected.shape, dtype=torch.float64)
+        assert torch.equal(quantized.dequantize(e, buffer), expected.double())
         assert not torch.equal(expected, weight)  # 4 bits: a different weight than the original
 
 

@@ -222,7 +222,8 @@ def inject_lora(
         _check_base(name, module)
     quantized_banks = None
     if quantize_banks is not False:
-        quantized_banks = quantize_banks_like(model, required=quantize_banks is True)
+        kept = [name for name, _ in modules_to_save(model, config)]
+        quantized_banks = quantize_banks_like(model, required=quantize_banks is True, keep=kept)
         if quantized_banks is not None:  # the banks are other modules now
             targets, banks = plan_adapters(model, config)
     options = {

@@ -7,6 +7,7 @@ the same without touching the model. bitsandbytes is imported when a model is qu
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Literal
 
@@ -19,7 +20,7 @@ from lora_lightning.kinds.bnb_experts import check_quantizable
 from lora_lightning.kinds.dense import conv1d_class
 from lora_lightning.kinds.experts import BANK, is_bank_4bit, is_expert_bank
 from lora_lightning.nn.experts4bit import Experts4bit
-from lora_lightning.targets import output_head_names
+from lora_lightning.targets import ROUTER_SUFFIXES, output_head_names
 
 QuantMethod = Literal["nf4", "nf4-dq", "fp4", "int8"]
 
@@ -90,6 +91,8 @@ def plan_quantization(
     for name, module in model.named_modules():
         if not name or skipped(name):
             continue
+        if isinstance(module, nn.Linear) and type(module).__name__.endswith(ROUTER_SUFFIXES):
+            continue  # a MoE router that is an nn.Linear (Llama 4's): its forward returns scores and logits
         if isinstance(module, nn.Linear):
             if module.weight.is_meta:
                 raise ValueError(f"quantize={method!r}: {name!r} has its weight on the meta device; load it first")
@@ -107,67 +110,104 @@ def plan_quantization(
     return names
 
 
-def plan_bank_quantization(model: nn.Module, method: str, keep: Iterable[str] = ()) -> list[str]:
+def plan_bank_quantization(
+    model: nn.Module,
+    method: str,
+    keep: Iterable[str] = (),
+    *,
+    context: str | None = None,
+    off: str = "banks=False",
+    strict: bool = True,
+) -> list[str]:
     """The fused expert banks :func:`quantize_model` would quantize (4-bit methods), checked.
+
+    Args:
+        model: the model; not touched.
+        method: the quantization method (int8 cannot hold banks).
+        keep: module names left unquantized (``modules_to_save``).
+        context: how error messages name the request (default ``quantize=<method>``).
+        off: the option that leaves the banks unquantized, as messages name it.
+        strict: raise on a bank that cannot be quantized or is already 4-bit; False skips it
+            (with a warning naming it and why).
 
     Raises:
         ValueError: int8 with expert banks (bitsandbytes' int8 format is a linear layer's), a bank
             already 4-bit, or an expert width that 4-bit blocks cannot hold (named).
         TypeError: a bank whose layout is not known.
     """
+    context = context or f"quantize={method!r}"
     kept = [name for name in keep if name]
-    names = []
+    names, skipped = [], []
     for name, module in model.named_modules():
         if not name or any(name == k or name.startswith(k + ".") for k in kept) or not is_expert_bank(module):
             continue
         if is_bank_4bit(module):
+            if not strict:
+                continue
             raise ValueError(
-                f"quantize={method!r}: expert bank {name!r} is already 4-bit; drop quantize= or load the model "
-                "unquantized"
+                f"{context}: expert bank {name!r} is already 4-bit; drop the request or load the model unquantized"
             )
         problem = BANK.problem(module)
+        if problem is None and BANK.is_meta(module):
+            problem = "has its weights on the meta device; load them first"
+        if problem is None:
+            for p in BANK.layout(module).projections:
+                in_f, out_f = BANK.features(module, p)
+                problem = problem or check_quantizable((out_f, in_f), f"{name}.{p}")
         if problem is not None:
-            raise TypeError(f"quantize={method!r}: module {name!r} ({type(module).__name__}) {problem}")
-        for p in BANK.layout(module).projections:
-            in_f, out_f = BANK.features(module, p)
-            reason = check_quantizable((out_f, in_f), f"{name}.{p}")
-            if reason is not None:
-                raise ValueError(f"quantize={method!r}: {reason}; leave the banks unquantized (banks=False)")
+            if not strict:
+                skipped.append(f"{name}: {problem}")
+                continue
+            error = TypeError if BANK.problem(module) is not None else ValueError
+            raise error(f"{context}: module {name!r} ({type(module).__name__}) {problem}; {off} leaves the banks")
         names.append(name)
+    if skipped:
+        warnings.warn(f"{context}: left unquantized: {'; '.join(skipped)}", stacklevel=3)
     if names and method == "int8":
         raise ValueError(
-            f"quantize='int8' cannot hold fused expert banks ({names[0]!r}, ...): bitsandbytes' int8 format is "
-            "a linear layer's; use nf4, nf4-dq or fp4, or leave the banks unquantized (banks=False)"
+            f"{context}: int8 cannot hold fused expert banks ({names[0]!r}, ...): bitsandbytes' int8 format is "
+            f"a linear layer's; use nf4, nf4-dq or fp4, or {off} leaves the banks unquantized"
         )
     return names
 
 
-def quantize_banks_like(model: nn.Module, *, required: bool = False) -> tuple[int, int, int] | None:
+def quantize_banks_like(
+    model: nn.Module, *, required: bool = False, keep: Iterable[str] = ()
+) -> tuple[int, int, int] | None:
     """Quantize the dense expert banks of a model whose linear layers are bitsandbytes 4-bit, in their format.
 
     ``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))`` quantizes
     ``nn.Linear`` layers only, so a transformers 5 MoE model keeps its experts in 16 bits. Each
     bank becomes an :class:`~lora_lightning.nn.experts4bit.Experts4bit` with the quant type and
-    double quantization of the model's first ``Linear4bit`` and its compute dtype.
+    double quantization of the model's first quantized ``Linear4bit`` and its compute dtype.
 
     Args:
         model: the model; changed in place.
-        required: raise when there is nothing to do (no 4-bit linear layer, or no dense bank);
-            otherwise return None then.
+        required: raise when there is nothing to do (no quantized 4-bit linear layer, no dense bank)
+            or a bank cannot be quantized; otherwise return None, or skip that bank with a warning.
+        keep: module names left unquantized (``modules_to_save``).
 
     Returns:
         ``(banks, bytes before, bytes after)``, or None when nothing was quantized.
     """
-    linear = next((m for m in model.modules() if Linear4bitKind().claims(m)), None)
-    names = [n for n, m in model.named_modules() if is_expert_bank(m) and not is_bank_4bit(m)]
+    layers = (m for m in model.modules() if Linear4bitKind().claims(m))
+    linear = next((m for m in layers if getattr(m.weight, "quant_state", None) is not None), None)
+    context = "inject_lora(quantize_banks=True)" if required else "inject_lora (quantize_banks, on for a 4-bit model)"
+    names = []
+    if linear is not None:
+        state = linear.weight.quant_state
+        names = plan_bank_quantization(
+            model, state.quant_type, keep, context=context, off="quantize_banks=False", strict=required
+        )
     if linear is None or not names:
         if required:
-            what = "no bitsandbytes 4-bit linear layer to take the format from" if linear is None else "no dense bank"
+            what = (
+                "no quantized bitsandbytes 4-bit linear layer to take the format from"
+                if linear is None
+                else "no dense bank"
+            )
             raise ValueError(f"quantize_banks=True: the model has {what}")
         return None
-    state = linear.weight.quant_state
-    method = state.quant_type + ("-dq" if state.nested else "")
-    plan_bank_quantization(model, "nf4" if method == "nf4-dq" else method)
     before = after = 0
     for name in names:
         parent_name, _, child = name.rpartition(".")

@@ -60,10 +60,14 @@ class BankTarget:
         return [f"{self.name}.{p}" for p in self.projections]
 
 
+# class-name endings of MoE routers (``*TopKRouter`` bare weights, Llama 4's ``Llama4Router`` linear layer)
+ROUTER_SUFFIXES = ("Router", "TopKRouter", "TopkRouter")
+
+
 def _is_linear_router(module: nn.Module) -> bool:
     """A router that is an ``nn.Linear`` (Llama 4's ``Llama4Router``): all-linear leaves it, as the bare ones."""
     base = module.base_layer if is_lora_layer(module) else module
-    return type(base).__name__.endswith(("Router", "TopKRouter", "TopkRouter"))
+    return type(base).__name__.endswith(ROUTER_SUFFIXES)
 
 
 def _is_router(module: nn.Module) -> bool:

@@ -273,6 +273,12 @@ def _read_adapter_files(path: Path) -> tuple[dict[str, Any], dict[str, Tensor], 
             tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (not a dict)
     except Exception as err:  # safetensors raises its own error type (and others) for damaged files
         raise ValueError(f"{str(weights_path)!r} is not a valid safetensors file: {err}") from err
+    if metadata.get(pf.METADATA_EXPERTS_KEY, "fused") != "fused":
+        raise ValueError(
+            f"{str(path)!r} holds expert banks written {metadata[pf.METADATA_EXPERTS_KEY]} (save_adapter(experts="
+            f"{metadata[pf.METADATA_EXPERTS_KEY]!r}), for servers of per-expert models); load_adapter reads the "
+            "fused layout: save the adapter again with experts='fused'"
+        )
     return data, tensors, metadata
 
 

@@ -10,7 +10,7 @@ bitsandbytes' ``dequantize_4bit`` op turns it back into values. The codes of a b
 per-expert second-level scales under double quantization).
 
 :class:`Bank4bit` holds one projection's quantized bank and dequantizes one expert at a time into
-a caller's buffer; :data:`BANK_4BIT` is the kind of :class:`~lora_lightning.nn.experts.Experts4bit`
+a caller's buffer; :data:`BANK_4BIT` is the kind of :class:`~lora_lightning.nn.experts4bit.Experts4bit`
 (the module that replaces a quantized experts module). bitsandbytes is imported only when a bank
 is quantized or read.
 """
@@ -97,6 +97,7 @@ class Bank4bit:
         thousands of times a step, those land in the heap and the resident set grows
         (:func:`~lora_lightning.ops.lora_linear.scratch`).
         """
+        bnb()  # its ops are registered on import (a bank unpickled in a fresh process has not loaded it)
         op = torch.ops.bitsandbytes.dequantize_4bit.default
         rows, cols = self.shape
         codes, scales = self.codes[expert], self.scales(expert).float()
@@ -246,7 +247,8 @@ def projection_order(module: nn.Module, projections: Sequence[str]) -> list[str]
 
 
 def dense_expert(module: nn.Module, projection: str, expert: int) -> Tensor:
-    """A float32 copy of one expert's ``(out, in)`` weight, dense or dequantized from 4 bits."""
+    """A float32 copy of one expert's ``(out, in)`` weight, dense or dequantized from 4 bits (never a view:
+    the caller adds into it)."""
     if is_bank_4bit(module):
-        return module.banks_4bit[projection].dequantize(expert).float()
-    return BANK.expert_weight(module, projection, expert).float()
+        return module.banks_4bit[projection].dequantize(expert).to(torch.float32, copy=True)
+    return BANK.expert_weight(module, projection, expert).to(torch.float32, copy=True)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lora_lightning.config import LoRAConfig
+from lora_lightning.kinds.experts import is_bank_4bit
 
 FORMAT_VERSION = 1
 _SAMPLES = 8
@@ -49,9 +50,15 @@ def base_fingerprint(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[
 
 
 def base_tensors(model: nn.Module, adapter_keys: Iterable[str]) -> list[tuple[str, torch.Tensor]]:
-    """The parameters of ``model`` that are not part of the adapter, by ``state_dict``-style name."""
+    """The parameters of ``model`` that are not part of the adapter, by ``state_dict``-style name, and the
+    buffers of its 4-bit expert banks (their weights: codes and scales)."""
     adapter = set(adapter_keys)
-    return [(name, p) for name, p in model.named_parameters() if name not in adapter]
+    found = [(name, p) for name, p in model.named_parameters() if name not in adapter]
+    for name, module in model.named_modules():
+        if is_bank_4bit(module):
+            dot = f"{name}." if name else ""
+            found += [(f"{dot}{key}", buffer) for key, buffer in module.named_buffers()]
+    return found
 
 
 def _eps(dtype: str) -> float:

@@ -75,7 +75,8 @@ def snapshot_merged(model: nn.Module) -> dict[str, _Layer]:
             tensors = {
                 key: value.detach().clone() for key, value in layer.named_parameters() if key.startswith("lora_")
             }
-            snapshot[name] = _Layer(tensors, {}, None)
+            # a 4-bit bank comes back as it was (its codes never changed), as a quantized layer does
+            snapshot[name] = _Layer(tensors, {}, layer.base_layer if is_bank_4bit(layer.base_layer) else None)
             continue
         tensors = {role.attr: getattr(layer, role.attr).detach().clone() for role in layer.variant.roles}
         buffers = {key: value.detach().clone() for key, value in layer.named_buffers(recurse=False)}
@@ -116,7 +117,8 @@ class MergedAdapters:
         for name, saved in self.layers.items():
             if saved.quantized is not None:
                 replace_submodule(model, name, saved.quantized)  # the quantized layer as it was before the merge
-        inject_lora(model, config, initialize=False)
+        # quantize_banks=False: a bank merged dense must be unmerged, not quantized with the update in it
+        inject_lora(model, config, initialize=False, quantize_banks=False)
         layers = adapted_modules(model)
         restored = set()
         for name, saved in self.layers.items():

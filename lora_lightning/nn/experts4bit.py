@@ -12,6 +12,8 @@ one expert's weight, never the bank.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -21,20 +23,25 @@ from lora_lightning.nn.experts import ExpertsForward
 from lora_lightning.ops.grouped import grouped_mm
 from lora_lightning.ops.lora_linear import scratch
 
-_FIELDS = ("codes", "absmax", "absmax2", "code2", "offset")
-
 
 class _Packed(nn.Module):
-    """One projection's :class:`Bank4bit` as buffers, so ``.to()``, ``state_dict`` and devices follow."""
+    """One projection's :class:`Bank4bit` as buffers, so ``.to(device)`` and ``state_dict`` follow.
+
+    The float32 scales are kept as their bytes (uint8 views): ``model.to(torch.bfloat16)`` or a
+    Lightning ``bf16-true`` precision casts every floating-point tensor of a module, which would
+    round bitsandbytes' block scales (its own ``Linear4bit`` keeps them float32 the same way).
+    """
 
     def __init__(self, bank: Bank4bit) -> None:
         super().__init__()
+        self.dtypes = {}
         for field, tensor in bank.tensors().items():
-            self.register_buffer(field, tensor)
+            self.dtypes[field] = tensor.dtype
+            self.register_buffer(field, tensor.view(torch.uint8) if tensor.is_floating_point() else tensor)
         self.quant_type, self.shape, self.dtype = bank.quant_type, bank.shape, bank.dtype
 
     def bank(self) -> Bank4bit:
-        present = {field: getattr(self, field) for field in _FIELDS if hasattr(self, field)}
+        present = {field: getattr(self, field).view(dtype) for field, dtype in self.dtypes.items()}
         return Bank4bit(quant_type=self.quant_type, shape=self.shape, dtype=self.dtype, **present)
 
 
@@ -70,6 +77,11 @@ def _per_expert(x: Tensor, bank: Bank4bit, counts: list[int], transpose: bool) -
     return out
 
 
+def _key(projection: str) -> str:
+    """The child holding a projection's codes: not named like the projection, which target names match."""
+    return f"{projection}_4bit"
+
+
 class Experts4bit(ExpertsForward, nn.Module):
     """A fused experts module whose projections are 4-bit banks (quantized expert by expert).
 
@@ -93,21 +105,23 @@ class Experts4bit(ExpertsForward, nn.Module):
         for p in layout.projections:  # BANK reads the module only while its bank is whole: views first
             stored = getattr(experts, p)
             views = [stored[e].t() if layout.is_transposed else stored[e] for e in range(self.num_experts)]
-            self.quantized[p] = _Packed(quantize_bank(views, quant_type, double_quant))
+            self.quantized[_key(p)] = _Packed(quantize_bank(views, quant_type, double_quant))
             delattr(experts, p)  # the dense bank goes; biases, norms and functions stay
         self.inner = experts
         self.compute_dtype = compute_dtype or dtype
-        self.dense: dict[str, Tensor] = {}  # merged projections, dequantized with the update added
+        # merged projections, dequantized with the update added (a plain dict: move a merged bank by
+        # unmerging it first; .to() moves the codes)
+        self.dense: dict[str, Tensor] = {}
 
     @property
     def banks_4bit(self) -> dict[str, Bank4bit]:
-        return {p: packed.bank() for p, packed in self.quantized.items()}
+        return {p: self.quantized[_key(p)].bank() for p in self.layout.projections}
 
     def dense_bank(self, p: str) -> Tensor:
         """Projection ``p`` of every expert dequantized, ``(E, out, in)`` in the compute dtype (merging
         writes into it; the forward uses it while it exists)."""
         if p not in self.dense:
-            bank = self.quantized[p].bank()
+            bank = self.quantized[_key(p)].bank()
             dense = torch.empty(bank.num_experts, *bank.shape, dtype=self.compute_dtype, device=bank.codes.device)
             for expert in range(bank.num_experts):
                 bank.dequantize(expert, dense[expert])
@@ -122,12 +136,12 @@ class Experts4bit(ExpertsForward, nn.Module):
         x = x.to(self.compute_dtype)
         if p in self.dense:  # merged: the dense bank, as the unquantized model computes
             return grouped_mm(x, self.dense[p].transpose(-2, -1), offsets, counts)
-        return _Bank4bitGEMM.apply(x, self.quantized[p].bank(), counts)
+        return _Bank4bitGEMM.apply(x, self.quantized[_key(p)].bank(), counts)
 
     def dequantized(self) -> nn.Module:
         """The transformers experts module back, holding each projection dequantized (merged, if merged)
         as the parameter it had: what an unquantized export writes."""
-        experts = self.inner
+        experts = copy.deepcopy(self.inner)  # the functions and biases; this 4-bit bank stays as it is
         for p in self.layout.projections:
             dense = self.dense_bank(p)
             stored = dense.transpose(-2, -1) if self.layout.is_transposed else dense
@@ -152,6 +166,6 @@ class Experts4bit(ExpertsForward, nn.Module):
         return self._experts_forward(hidden_states, *routing)
 
     def extra_repr(self) -> str:
-        bank = next(iter(self.quantized.values()))
-        kind = bank.quant_type + ("-dq" if hasattr(bank, "absmax2") else "")
+        bank = next(iter(self.banks_4bit.values()))
+        kind = bank.quant_type + ("-dq" if bank.nested else "")
         return f"experts={self.num_experts}, {kind}, compute_dtype={self.compute_dtype}"

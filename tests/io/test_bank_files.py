@@ -192,6 +192,8 @@ def test_the_per_expert_file_writes_a_router_as_its_linear_layer_and_refuses_a_m
         tensors["base_model.model.model.layers.0.mlp.gate.lora_B.weight"],
     )
     assert torch.equal(A, router.lora_A["weight"][0]) and torch.equal(B, router.lora_B["weight"][0])
+    with pytest.raises(ValueError, match="holds expert banks written per_expert .* experts='fused'"):
+        load_adapter(tiny_mixtral(layers=1), directory)
     with pytest.raises(ValueError, match="experts must be one of fused, per_expert, got 'split'"):
         save_adapter(ours, tmp_path / "other", experts="split")
     assert not (tmp_path / "other").exists()

@@ -154,7 +154,7 @@ def test_a_width_4bit_blocks_cannot_hold_and_int8_banks_are_refused_before_any_c
     with pytest.raises(ValueError, match=r"experts.down_proj has experts of 96 input features, not a multiple of"):
         quantize_model(model, "nf4")
     qwen = tiny_qwen3_moe()
-    with pytest.raises(ValueError, match="quantize='int8' cannot hold fused expert banks"):
+    with pytest.raises(ValueError, match="quantize='int8': int8 cannot hold fused expert banks .* banks=False leaves"):
         quantize_model(qwen, "int8")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not any(isinstance(m, Experts4bit) for m in qwen.modules())
@@ -248,7 +248,9 @@ def test_quantize_banks_false_leaves_them_and_true_needs_a_4bit_model(tmp_path) 
     assert report.quantized_banks is None
     assert not any(isinstance(m, Experts4bit) for m in model.modules())
     plain = tiny_qwen3_moe()
-    with pytest.raises(ValueError, match="quantize_banks=True: the model has no bitsandbytes 4-bit linear layer"):
+    with pytest.raises(
+        ValueError, match="quantize_banks=True: the model has no quantized bitsandbytes 4-bit linear layer"
+    ):
         inject_lora(plain, LoRAConfig(r=4), quantize_banks=True)
     assert not lora_banks(plain)
 
@@ -268,3 +270,74 @@ def test_an_adapter_trained_over_4bit_banks_is_the_bf16_models_adapter(tmp_path)
         for p in bank.projections:
             assert torch.equal(bank.lora_A[p], theirs[name].lora_A[p])
             assert torch.equal(bank.lora_B[p], theirs[name].lora_B[p])
+
+
+def test_the_export_leaves_the_live_weights_alone_and_twice_gives_the_same_file(tmp_path) -> None:
+    """A float32 dense bank under a model with 4-bit linear layers: the export adds into copies."""
+    import safetensors.torch
+
+    from lora_lightning import export_merged
+
+    model = tiny_qwen3_moe()
+    quantize_model(model, "nf4", banks=False)
+    inject_lora(model, LoRAConfig(r=4))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "experts.base_layer" in k}
+    first = export_merged(model, tmp_path / "one")
+    second = export_merged(model, tmp_path / "two")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items() if k in before)
+    one = safetensors.torch.load_file(first / "model.safetensors")
+    two = safetensors.torch.load_file(second / "model.safetensors")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_4bit_bank_children_are_not_named_like_projections_and_keep_float32_scales() -> None:
+    """target_modules=["down_proj"] must not find the buffers' holder; a bf16 cast keeps the block scales."""
+    model = tiny_qwen3_moe()
+    quantize_model(model, "nf4-dq")
+    bank = model.model.layers[0].mlp.experts
+    expected = bank.banks_4bit["down_proj"].dequantize(2)
+    # a list meant for several families: "down_proj" names linear layers elsewhere, here nothing
+    inject_lora(model, LoRAConfig(r=4, target_modules=["down_proj", "experts"], allow_unmatched_targets=True))
+    assert "model.layers.0.mlp.experts" in lora_banks(model)
+    bank.to(torch.bfloat16)
+    quantized = bank.banks_4bit["down_proj"]
+    assert quantized.absmax2.dtype == torch.float32 and quantized.code2.dtype == torch.float32
+    assert torch.equal(quantized.dequantize(2), expected)
+
+
+def test_the_base_fingerprint_covers_4bit_banks() -> None:
+    from lora_lightning.lightning.checkpoint_record import base_tensors
+
+    model = tiny_qwen3_moe()
+    quantize_model(model, "nf4")
+    names = {name for name, _ in base_tensors(model, ())}
+    assert "model.layers.0.mlp.experts.quantized.gate_up_proj_4bit.codes" in names
+    assert "model.layers.1.mlp.experts.quantized.down_proj_4bit.absmax" in names
+
+
+def test_llama4s_linear_router_stays_a_router_under_quantize_model() -> None:
+    from tests.moe_models import tiny_llama4
+
+    model = tiny_llama4()
+    names = quantize_model(model, "nf4")
+    router = model.model.layers[0].feed_forward.router
+    assert type(router).__name__ == "Llama4Router" and "model.layers.0.feed_forward.router" not in names
+    assert isinstance(model.model.layers[0].feed_forward.experts, Experts4bit)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=token_ids(2, 12)).logits).all()
+
+
+def test_auto_mode_leaves_a_bank_4bit_blocks_cannot_hold_with_a_warning(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_mixtral().save_pretrained(tmp_path / "base")  # intermediate 96: not whole 64-element blocks
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=config, device_map={"": "cpu"})
+    with pytest.warns(UserWarning, match=r"left unquantized: model.layers.0.mlp.experts: .*96 input features"):
+        report = inject_lora(model, LoRAConfig(r=4))
+    assert report.quantized_banks is None and lora_banks(model)
+    assert not any(isinstance(m, Experts4bit) for m in model.modules())

@@ -102,3 +102,27 @@ def test_quantize_makes_the_banks_4bit_trains_resumes_exactly_and_exports_unquan
     resumed, _ = _fit_4bit(tmp_path / "first", epochs=2, resume=str(first), merge_on_fit_end=False)
     after = _bank_state(resumed)
     assert all(torch.equal(after[k], trained[k]) for k in trained), "resume is bit-exact"
+
+
+def test_a_second_fit_over_merged_4bit_banks_starts_from_the_first_fits_model(tmp_path: Path) -> None:
+    """After a fit-end merge, the next fit re-adapts: the 4-bit banks come back as they were (not the
+    merged weights quantized again with the update in them), so the model it starts from computes
+    what the merged model did."""
+    import lightning.pytorch as pl
+
+    ids = token_data(n=8).dataset.tensors[0][:2]
+    seen = []
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            with torch.no_grad():
+                seen.append(pl_module.model(input_ids=ids).logits)
+
+    module = MoECausalLM()
+    callback = LoRACallback(r=4, alpha=8, module="model", quantize="nf4")
+    _trainer(tmp_path / "one", [callback], max_epochs=1).fit(module, token_data(n=16))
+    with torch.no_grad():
+        merged = module.model(input_ids=ids).logits
+    _trainer(tmp_path / "two", [callback, Probe()], max_epochs=1).fit(module, token_data(n=16))
+    restarted = seen[-1]
+    assert (restarted - merged).abs().max() <= 1e-4 * merged.abs().max()

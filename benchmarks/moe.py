@@ -318,12 +318,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--layers", type=int, help="override the sizes' layer count (memory against depth)")
     parser.add_argument(
         "--check64-layers", type=int, help="also run the check with a float64 copy of ours, at this many layers"
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--check-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.layers:
+        for spec in SIZES.values():
+            spec["num_hidden_layers"] = args.layers
     if args.worker:
         variant, size = args.worker.split(":")
         print(json.dumps(run_variant(variant, size, args.steps, args.threads)))
@@ -340,6 +344,8 @@ def main() -> None:
         rows = {}
         for variant in args.variants.split(","):
             common = ["--steps", str(args.steps), "--threads", str(args.threads)]
+            if args.layers:
+                common += ["--layers", str(args.layers)]
             row = _worker(["--worker", f"{variant}:{size}", *common])
             if row is not None:
                 rows[variant] = row

@@ -20,7 +20,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -61,11 +60,7 @@ def run_variant(variant: str, tokens: int, steps: int, threads: int) -> dict:
     first = step()  # warm-up: optimizer state, allocator
     before = shapes.rss_bytes()
     shapes.reset_peak_rss()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    times = [ms / 1e3 for ms in shapes.time_calls(step, torch.device("cpu"), warmup=0, repeats=steps)]
     return {
         "variant": variant,
         "added_peak_mib": (shapes.peak_rss_bytes() - before) / 2**20,

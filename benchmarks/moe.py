@@ -39,7 +39,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -226,13 +225,7 @@ def run_variant(variant: str, size: str, steps: int, threads: int) -> dict:
     else:
         before = shapes.rss_bytes()
         shapes.reset_peak_rss()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    times = [ms / 1e3 for ms in shapes.time_calls(step, ids.device, warmup=0, repeats=steps)]
     peak = torch.cuda.max_memory_allocated() if cuda else shapes.peak_rss_bytes()
     return {
         "variant": variant,

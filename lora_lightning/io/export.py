@@ -33,7 +33,7 @@ from lora_lightning.io.atomic_files import (
     check_destination,
     tensors_for_file,
 )
-from lora_lightning.kinds.bnb_experts import dense_expert
+from lora_lightning.kinds.bnb_experts import bank_kind, dense_expert
 from lora_lightning.kinds.experts import BANK, ROUTER, ROUTER_PARAMETER, is_bank_4bit
 from lora_lightning.merge import merge_and_unload
 from lora_lightning.nn.experts import is_lora_bank
@@ -171,7 +171,7 @@ def _bank_tensors(dot: str, module: nn.Module) -> Iterator[tuple[str, Producer, 
         held = {p}
     else:
         quantized = is_bank_4bit(base)
-        layout = base.layout if quantized else BANK.layout(base)
+        layout = bank_kind(base).layout(base)
         for p in layout.projections:
             source = base.banks_4bit[p].codes if quantized else BANK.stored(base, p)
             yield f"{dot}{p}", (lambda p=p, b=base: _merged_bank(b, adapter, p)), source, None
@@ -189,9 +189,9 @@ def _bank_tensors(dot: str, module: nn.Module) -> Iterator[tuple[str, Producer, 
 
 @torch.no_grad()
 def _merged_bank(base: nn.Module, adapter: nn.Module | None, p: str) -> Tensor:
-    layout = base.layout if is_bank_4bit(base) else BANK.layout(base)
-    experts = []
-    for e in range(_num_experts(base)):
+    kind = bank_kind(base)
+    layout, experts = kind.layout(base), []
+    for e in range(kind.num_experts(base)):
         weight = dense_expert(base, p, e)
         if adapter is not None and p in adapter.lora_A:
             weight.addmm_(adapter.lora_B[p][e].float(), adapter.lora_A[p][e].float(), alpha=adapter.scale[p])
@@ -204,10 +204,6 @@ def _merged_router(adapter: nn.Module) -> Tensor:
     p = ROUTER_PARAMETER
     weight = ROUTER.stored(adapter.base_layer, p).float()
     return weight.addmm(adapter.lora_B[p][0].float(), adapter.lora_A[p][0].float(), alpha=adapter.scale[p])
-
-
-def _num_experts(base: nn.Module) -> int:
-    return base.num_experts if is_bank_4bit(base) else BANK.num_experts(base)
 
 
 def _plain_config(model: nn.Module, dtype: torch.dtype) -> Any:

@@ -109,9 +109,16 @@ class Experts4bit(ExpertsForward, nn.Module):
             delattr(experts, p)  # the dense bank goes; biases, norms and functions stay
         self.inner = experts
         self.compute_dtype = compute_dtype or dtype
-        # merged projections, dequantized with the update added (a plain dict: move a merged bank by
-        # unmerging it first; .to() moves the codes)
+        # merged projections, dequantized with the update added (a plain dict, moved by _apply with the codes)
         self.dense: dict[str, Tensor] = {}
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        """``.to()`` / ``.cuda()`` move a merged bank with the codes; it keeps the compute dtype (a cast of
+        the module leaves the 4-bit bank's compute dtype, and so its dequantized weights, as they were)."""
+        super()._apply(fn, recurse)
+        device = next(iter(self.quantized.values())).codes.device
+        self.dense = {p: dense.to(device) for p, dense in self.dense.items()}
+        return self
 
     @property
     def banks_4bit(self) -> dict[str, Bank4bit]:

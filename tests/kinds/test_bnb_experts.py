@@ -126,6 +126,21 @@ def test_zero_start_is_the_4bit_banks_own_forward_and_merge_unmerge_round_trips(
     assert torch.equal(zero, plain)
 
 
+def test_a_merged_4bit_bank_moves_with_the_module_and_keeps_its_compute_dtype() -> None:
+    """``.to(device)`` takes the dense merged bank along with the codes (a plain dict, not a buffer); a
+    dtype cast of the module leaves it, and the 4-bit bank's compute dtype, as they were."""
+    adapter, bank4 = _quantized_adapter()
+    with torch.no_grad():
+        adapter.merge()
+    merged = {p: d.clone() for p, d in bank4.dense.items()}
+    adapter.to(torch.bfloat16)
+    assert all(d.dtype == torch.float32 and torch.equal(d, merged[p]) for p, d in bank4.dense.items())
+    adapter.to("meta")
+    assert bank4.dense.keys() == merged.keys()
+    assert all(d.device.type == "meta" for d in bank4.dense.values())
+    assert all(b.codes.device.type == "meta" for b in bank4.banks_4bit.values())
+
+
 def test_quantize_model_makes_the_banks_4bit_and_all_linear_trains_them() -> None:
     model = tiny_qwen3_moe()
     routers = {n: m.weight.clone() for n, m in model.named_modules() if n.endswith("mlp.gate")}

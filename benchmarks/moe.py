@@ -16,7 +16,10 @@ variant in a process of its own:
 
 Per variant: the median step after one warm-up step, what the steps add to the resident set
 (``VmHWM`` reset after the warm-up, minus the resident set then) and the bytes autograd saves for
-backward in one forward (tensors that are not parameters, each storage once). A check runs ours
+backward in one forward (tensors that are not parameters or buffers, each storage once), and the
+tensors held between steps (weights, buffers, adapters, AdamW state: what no allocator can go below;
+the resident adds glibc's free lists and oneDNN's caches to them). At (e) the vocabulary is the real
+151,936 and ours takes lora_lightning's chunked loss; PEFT the model's own. A check runs ours
 and PEFT with the same factors (``peft_same``) and compares logits and every adapter gradient.
 
     python benchmarks/moe.py                         # (a) tiny and (b) Qwen3-30B-A3B widths, 1 thread
@@ -39,6 +42,7 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,6 +76,7 @@ SIZES = {
         "hidden_size": 2048, "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
         "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
         "batch": 1, "seq": 2048, "device": "cuda", "dtype": "bfloat16", "checkpointing": True,
+        "vocab_size": 151936, "chunked_loss": True,
     },
     # (c) on a CUDA device: 8 of the 48 layers, bfloat16
     "gpu-30b-a3b": {
@@ -94,7 +99,9 @@ def build(size: str) -> tuple[torch.nn.Module, torch.Tensor]:
     batch, seq = spec.pop("batch"), spec.pop("seq")
     device, dtype = torch.device(spec.pop("device", "cpu")), getattr(torch, spec.pop("dtype", "float32"))
     checkpointing = spec.pop("checkpointing", False)
-    config = Qwen3MoeConfig(vocab_size=VOCAB, intermediate_size=4 * spec["hidden_size"], **spec)
+    spec.pop("chunked_loss", None)
+    vocab = spec.pop("vocab_size", VOCAB)
+    config = Qwen3MoeConfig(vocab_size=vocab, intermediate_size=4 * spec["hidden_size"], **spec)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its dtype, on its device: no float32 copy of 8 layers on the host
@@ -109,7 +116,7 @@ def build(size: str) -> tuple[torch.nn.Module, torch.Tensor]:
                 module.weight.normal_(0, 0.5)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
     return model, ids
 
 
@@ -173,9 +180,10 @@ def copy_factors(ours: torch.nn.Module, peft_model: torch.nn.Module) -> None:
             module = module.base_layer
 
 
-def saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
-    """Bytes autograd keeps for backward in one forward: saved tensors that are not parameters, each storage once."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+def saved_bytes(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes autograd keeps for backward in one forward: saved tensors that are not the model's
+    parameters or buffers, each storage once."""
+    params = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -185,9 +193,18 @@ def saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = loss_fn()
     del loss
     return sum(seen.values())
+
+
+def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+    """Bytes of every parameter, buffer and optimizer-state tensor, each storage once."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if optimizer is not None:
+        tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
 
 
 def run_variant(variant: str, size: str, steps: int, threads: int) -> dict:
@@ -206,9 +223,18 @@ def run_variant(variant: str, size: str, steps: int, threads: int) -> dict:
     model = adapt(variant, model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if variant != "floor" else None
+    # ours may take the chunked loss (the product's own); PEFT's users have the model's loss
+    chunked = SIZES[size].get("chunked_loss", False) and variant in ("ours", "lora_bf16", "qlora")
+
+    def loss() -> torch.Tensor:
+        if chunked:
+            from lora_lightning import causal_lm_loss
+
+            return causal_lm_loss(model, ids, ids)
+        return model(input_ids=ids, labels=ids).loss
 
     def step() -> None:
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss().backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -217,7 +243,8 @@ def run_variant(variant: str, size: str, steps: int, threads: int) -> dict:
 
     cuda = ids.device.type == "cuda"
     step()  # warm-up: optimizer state, allocator
-    saved = saved_bytes(model, ids)
+    saved = saved_bytes(model, loss)
+    held = held_bytes(model, optimizer)
     if cuda:  # the GPU: what the device holds at its peak, over the model and optimizer state held before
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -235,6 +262,11 @@ def run_variant(variant: str, size: str, steps: int, threads: int) -> dict:
         "resident_mib": (peak - process) / 2**20 if not cuda else float("nan"),
         "peak_mib": peak / 2**20,
         "saved_mib": saved / 2**20,
+        # tensors held between steps (weights, buffers, adapters, AdamW state) and the adapters' gradients,
+        # which exist from backward to the optimizer step: allocator-independent lower bounds of the resident
+        "held_mib": held / 2**20,
+        "grad_mib": sum(p.numel() * p.element_size() for p in trainable) / 2**20 if variant != "floor" else 0.0,
+        "chunked_loss": chunked,
         "trainable": sum(p.numel() for p in trainable if variant != "floor"),
     }
 
@@ -352,7 +384,7 @@ def main() -> None:
         print(
             f"{'variant':<10} {'step s':>8} {'x floor':>8} {'added peak MiB':>15} {'over floor':>11} "
             f"{'saved MiB':>10} {'over floor':>11} {'tokens/s':>9} {'peak MiB':>9} {'resident MiB':>13} "
-            f"{'trainable':>12}"
+            f"{'held MiB':>9} {'trainable':>12}"
         )
         for name, row in rows.items():
             x = row["step_s"] / floor["step_s"] if floor else float("nan")
@@ -361,8 +393,8 @@ def main() -> None:
             print(
                 f"{name:<10} {row['step_s']:>8.3f} {x:>8.3f} {row['added_peak_mib']:>15.0f} {peak_over:>11.0f} "
                 f"{row['saved_mib']:>10.0f} {saved_over:>11.0f} {row['tokens_per_s']:>9.0f} {row['peak_mib']:>9.0f} "
-                f"{row['resident_mib']:>13.0f} "
-                f"{row['trainable']:>12,d}"
+                f"{row['resident_mib']:>13.0f} {row['held_mib']:>9.0f} "
+                f"{row['trainable']:>12,d}{'  (chunked loss)' if row['chunked_loss'] else ''}"
             )
         if floor and "ours" in rows and "peft" in rows:
             ours, peft = rows["ours"], rows["peft"]
@@ -409,6 +441,13 @@ def main() -> None:
             ]
             for label, value, target in lines:
                 print(f"  {label:<44} {value:.3f}  (<= {target:.2f})  {_ok(value <= target)}")
+            # what no allocator can go below: the tensors held between steps, plus the adapters' gradients
+            # and autograd's saved tensors, which coexist at the end of backward
+            floor_of = {v: rows[v]["held_mib"] + rows[v]["grad_mib"] + rows[v]["saved_mib"] for v in QLORA_VARIANTS}
+            q, b = rows["qlora"]["held_mib"], rows["lora_bf16"]["held_mib"]
+            fq, fb = floor_of["qlora"], floor_of["lora_bf16"]
+            print(f"  tensors held between steps, QLoRA / bf16 LoRA: {q / b:.3f} ({q:.0f} / {b:.0f} MiB)")
+            print(f"  held + gradients + saved (the resident's lower bound): {fq / fb:.3f} ({fq:.0f} / {fb:.0f} MiB)")
         if args.check64_layers:
             check = _worker(["--check-worker", f"{size}:{args.check64_layers}", "--threads", str(args.threads)])
             if check is not None:

@@ -262,8 +262,8 @@ def run_variant(variant: str, size: str, steps: int, threads: int) -> dict:
         "resident_mib": (peak - process) / 2**20 if not cuda else float("nan"),
         "peak_mib": peak / 2**20,
         "saved_mib": saved / 2**20,
-        # tensors held between steps (weights, buffers, adapters, AdamW state) and the adapters' gradients,
-        # which exist from backward to the optimizer step: allocator-independent lower bounds of the resident
+        # tensors held between steps (weights, buffers, adapters, AdamW state) and the adapters' gradients
+        # (from backward to the optimizer step): allocator-independent parts of the resident
         "held_mib": held / 2**20,
         "grad_mib": sum(p.numel() * p.element_size() for p in trainable) / 2**20 if variant != "floor" else 0.0,
         "chunked_loss": chunked,
@@ -441,13 +441,13 @@ def main() -> None:
             ]
             for label, value, target in lines:
                 print(f"  {label:<44} {value:.3f}  (<= {target:.2f})  {_ok(value <= target)}")
-            # what no allocator can go below: the tensors held between steps, plus the adapters' gradients
-            # and autograd's saved tensors, which coexist at the end of backward
-            floor_of = {v: rows[v]["held_mib"] + rows[v]["grad_mib"] + rows[v]["saved_mib"] for v in QLORA_VARIANTS}
+            # what no allocator can go below: the tensors held between steps, plus autograd's saved tensors,
+            # all alive at the end of the forward (the adapters' gradients come as backward frees them)
+            floor_of = {v: rows[v]["held_mib"] + rows[v]["saved_mib"] for v in QLORA_VARIANTS}
             q, b = rows["qlora"]["held_mib"], rows["lora_bf16"]["held_mib"]
             fq, fb = floor_of["qlora"], floor_of["lora_bf16"]
             print(f"  tensors held between steps, QLoRA / bf16 LoRA: {q / b:.3f} ({q:.0f} / {b:.0f} MiB)")
-            print(f"  held + gradients + saved (the resident's lower bound): {fq / fb:.3f} ({fq:.0f} / {fb:.0f} MiB)")
+            print(f"  held + saved (the resident's lower bound): {fq / fb:.3f} ({fq:.0f} / {fb:.0f} MiB)")
         if args.check64_layers:
             check = _worker(["--check-worker", f"{size}:{args.check64_layers}", "--threads", str(args.threads)])
             if check is not None:

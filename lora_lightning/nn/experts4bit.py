@@ -77,6 +77,18 @@ def _per_expert(x: Tensor, bank: Bank4bit, counts: list[int], transpose: bool) -
     return out
 
 
+def _moved(dense: Tensor, codes: Tensor) -> Tensor:
+    """A merged bank where the codes went: to their device (``to_empty`` out of meta: uninitialised, as
+    everything else), shared when they were shared."""
+    if dense.is_meta and not codes.is_meta:
+        moved = torch.empty_like(dense, device=codes.device)
+    else:
+        moved = dense.to(codes.device)
+    if codes.is_shared() and not moved.is_shared():
+        moved.share_memory_()
+    return moved
+
+
 def _key(projection: str) -> str:
     """The child holding a projection's codes: not named like the projection, which target names match."""
     return f"{projection}_4bit"
@@ -116,8 +128,9 @@ class Experts4bit(ExpertsForward, nn.Module):
         """``.to()`` / ``.cuda()`` move a merged bank with the codes; it keeps the compute dtype (a cast of
         the module leaves the 4-bit bank's compute dtype, and so its dequantized weights, as they were)."""
         super()._apply(fn, recurse)
-        device = next(iter(self.quantized.values())).codes.device
-        self.dense = {p: dense.to(device) for p, dense in self.dense.items()}
+        if self.dense:
+            codes = next(iter(self.quantized.values())).codes
+            self.dense = {p: _moved(dense, codes) for p, dense in self.dense.items()}
         return self
 
     @property

@@ -139,6 +139,8 @@ def test_a_merged_4bit_bank_moves_with_the_module_and_keeps_its_compute_dtype() 
     assert bank4.dense.keys() == merged.keys()
     assert all(d.device.type == "meta" for d in bank4.dense.values())
     assert all(b.codes.device.type == "meta" for b in bank4.banks_4bit.values())
+    adapter.to_empty(device="cpu")  # out of meta: storage again, contents undefined as every tensor's
+    assert all(d.device.type == "cpu" and d.shape == merged[p].shape for p, d in bank4.dense.items())
 
 
 def test_quantize_model_makes_the_banks_4bit_and_all_linear_trains_them() -> None:

@@ -262,10 +262,8 @@ def run_variant(variant: str, size: str, steps: int, threads: int) -> dict:
         "resident_mib": (peak - process) / 2**20 if not cuda else float("nan"),
         "peak_mib": peak / 2**20,
         "saved_mib": saved / 2**20,
-        # tensors held between steps (weights, buffers, adapters, AdamW state) and the adapters' gradients
-        # (from backward to the optimizer step): allocator-independent parts of the resident
+        # tensors held between steps (weights, buffers, adapters, AdamW state): independent of the allocator
         "held_mib": held / 2**20,
-        "grad_mib": sum(p.numel() * p.element_size() for p in trainable) / 2**20 if variant != "floor" else 0.0,
         "chunked_loss": chunked,
         "trainable": sum(p.numel() for p in trainable if variant != "floor"),
     }
